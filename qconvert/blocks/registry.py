@@ -1,0 +1,108 @@
+"""One table of every block type: the writer, the reader, ``inspect``, the runtime and
+FORMAT.md all agree on it (a test checks FORMAT.md and spec/ against this table).
+
+A block type turns a row of floats into fixed-size blocks of bytes. Every tensor stored in
+a container is a stack of rows (last axis contiguous, numpy order); each row is cut into
+``block_size`` elements and each piece becomes ``type_size`` bytes.
+
+Type ids equal GGML's ``ggml_type`` ids wherever GGML has the same bytes, so that GGUF export
+is a re-wrap; qconvert's own types use ids from 256 up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import QConvertError
+
+QuantizeBlocks = Callable[[np.ndarray], np.ndarray]
+DequantizeBlocks = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class BlockType:
+    id: int  # u16 in the container; == ggml_type where ggml is True
+    name: str  # upper-case, e.g. "Q4_0"
+    block_size: int  # elements per block
+    type_size: int  # bytes per block
+    quantize_blocks: QuantizeBlocks | None  # (n, block_size) float32 -> (n, type_size) uint8
+    dequantize_blocks: DequantizeBlocks  # (n, type_size) uint8 -> (n, block_size) float32
+    ggml: bool = True  # GGML has this type with identical bytes
+    description: str = ""
+    is_float: bool = field(default=False)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.type_size / self.block_size
+
+    def can_hold(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) >= 1 and shape[-1] % self.block_size == 0
+
+    def row_bytes(self, row_length: int) -> int:
+        if row_length % self.block_size:
+            raise QConvertError(
+                f"{self.name} needs rows that are a multiple of {self.block_size} elements, got {row_length}"
+            )
+        return row_length // self.block_size * self.type_size
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+        return n_rows * self.row_bytes(int(shape[-1]) if shape else 1)
+
+    def quantize(self, values: np.ndarray) -> np.ndarray:
+        """Float array (last axis a multiple of block_size) -> uint8 array (rows, row_bytes)."""
+        if self.quantize_blocks is None:
+            raise QConvertError(f"block type {self.name} can be read but not written by qconvert")
+        values = np.asarray(values, dtype=np.float32)
+        shape = values.shape if values.ndim else (1,)
+        row_bytes = self.row_bytes(shape[-1])
+        blocks = np.ascontiguousarray(values).reshape(-1, self.block_size)
+        packed = self.quantize_blocks(blocks)
+        assert packed.dtype == np.uint8 and packed.shape == (blocks.shape[0], self.type_size)
+        return packed.reshape(-1, row_bytes)
+
+    def dequantize(self, raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """uint8 bytes of a whole tensor -> float32 array of ``shape``."""
+        raw = np.asarray(raw, dtype=np.uint8).reshape(-1)
+        if raw.size != self.nbytes(shape):
+            raise QConvertError(
+                f"{self.name} tensor of shape {list(shape)} needs {self.nbytes(shape)} bytes, got {raw.size}"
+            )
+        blocks = raw.reshape(-1, self.type_size)
+        return self.dequantize_blocks(blocks).astype(np.float32, copy=False).reshape(shape)
+
+
+_BY_ID: dict[int, BlockType] = {}
+_BY_NAME: dict[str, BlockType] = {}
+
+
+def register(block_type: BlockType) -> BlockType:
+    if block_type.id in _BY_ID or block_type.name in _BY_NAME:
+        raise ValueError(f"block type {block_type.name} (id {block_type.id}) registered twice")
+    if not 0 <= block_type.id < 2**16:
+        raise ValueError("block type ids are u16")
+    _BY_ID[block_type.id] = block_type
+    _BY_NAME[block_type.name] = block_type
+    return block_type
+
+
+def by_id(type_id: int) -> BlockType:
+    try:
+        return _BY_ID[type_id]
+    except KeyError:
+        raise QConvertError(f"unknown block type id {type_id}: this file needs a newer qconvert") from None
+
+
+def by_name(name: str) -> BlockType:
+    try:
+        return _BY_NAME[name.upper()]
+    except KeyError:
+        known = ", ".join(sorted(_BY_NAME))
+        raise QConvertError(f"unknown block type {name!r}; known types: {known}") from None
+
+
+def all_types() -> list[BlockType]:
+    return sorted(_BY_ID.values(), key=lambda t: t.id)

@@ -1,0 +1,1 @@
+"""Quantization methods. Each is one module whose core is a pure function over arrays."""

@@ -1,0 +1,252 @@
+"""Hugging Face checkpoints: a local folder or a hub id, single or sharded safetensors.
+
+safetensors headers are parsed here (8-byte length + JSON) so that every malformed or
+truncated file gets one clear sentence; tensor bytes are mmap'd and read one tensor at a
+time. Pickle checkpoints (``pytorch_model.bin``, ``*.pt``) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import QConvertError
+from .base import Source, SourceTensor
+
+# Architectures whose weights qconvert knows how to classify (and, later, run).
+SUPPORTED_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "smollm": "llama",
+    "gpt2": "gpt2",
+    "bert": "bert",
+}
+
+_FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}  # bytes per element
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_checkpoint(spec: str, revision: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """A local folder, or a hub id fetched through the normal Hugging Face cache."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path, {"id": path.resolve().name, "revision": revision}
+    if path.exists():
+        raise QConvertError(f"{spec} is a file of a kind qconvert does not read (expected a folder, .gguf or .onnx)")
+    if not _HUB_ID.match(spec):
+        raise QConvertError(f"{spec} is neither an existing folder nor a Hugging Face hub id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import HfHubHTTPError
+    except ImportError:  # pragma: no cover - it is a dependency
+        raise QConvertError("huggingface-hub is not installed") from None
+    try:
+        local = snapshot_download(
+            repo_id=spec,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"],
+        )
+    except HfHubHTTPError as e:
+        raise QConvertError(f"could not download {spec} from the Hugging Face hub: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # offline mode, no network, missing revision ...
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise QConvertError(
+            f"could not get {spec} from the Hugging Face hub or its local cache ({first});"
+            " pass a local folder, or set HF_HUB_OFFLINE=0 with network access"
+        ) from None
+    local_path = Path(local)
+    # The snapshot folder name is the commit hash the revision resolved to.
+    return local_path, {"id": spec, "revision": revision or "main", "commit": local_path.name}
+
+
+class _SafetensorsFile:
+    """One .safetensors file: parsed header, lazily mmap'd data."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = path.stat().st_size
+        if self.size < 8:
+            raise QConvertError(f"truncated safetensors file {path.name}: {self.size} bytes")
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_SAFETENSORS_HEADER or 8 + n > self.size:
+                raise QConvertError(
+                    f"corrupt or truncated safetensors file {path.name}: header of {n} bytes does not fit in {self.size} bytes"
+                )
+            raw = f.read(n)
+        try:
+            header = json.loads(raw.decode())
+            if not isinstance(header, dict):
+                raise ValueError
+        except (UnicodeDecodeError, ValueError):
+            raise QConvertError(f"corrupt safetensors file {path.name}: header is not a JSON object") from None
+        self.data_start = 8 + n
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        data_len = self.size - self.data_start
+        for name, e in header.items():
+            try:
+                dtype, shape, (begin, end) = e["dtype"], tuple(int(d) for d in e["shape"]), e["data_offsets"]
+                begin, end = int(begin), int(end)
+            except (KeyError, TypeError, ValueError):
+                raise QConvertError(f"corrupt safetensors file {path.name}: bad header entry for {name!r}") from None
+            if end > data_len or begin > end or any(d < 0 for d in shape):
+                raise QConvertError(
+                    f"truncated or corrupt safetensors file {path.name}: tensor {name!r} needs bytes"
+                    f" {begin}..{end} of the data but the file holds {data_len}"
+                )
+            self.entries[name] = (dtype, shape, begin, end)
+        self._mmap: mmap.mmap | None = None
+
+    def read(self, name: str) -> np.ndarray:
+        if self._mmap is None:
+            with open(self.path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        _, _, begin, end = self.entries[name]
+        return np.frombuffer(self._mmap, dtype=np.uint8, count=end - begin, offset=self.data_start + begin)
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass
+            self._mmap = None
+
+
+def open_hf(spec: str, revision: str | None = None, hash_files: bool = True) -> Source:
+    folder, ident = resolve_checkpoint(spec, revision)
+    config_path = folder / "config.json"
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    st_files = [n for n in names if n.endswith(".safetensors")]
+    if not st_files:
+        pickles = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
+        if pickles:
+            raise QConvertError(
+                f"{folder.name} has only pickle checkpoints ({', '.join(pickles)}); qconvert never unpickles"
+                " (it can run arbitrary code): convert them to safetensors first"
+            )
+        raise QConvertError(f"no .safetensors weights in {folder}")
+    if not config_path.is_file():
+        raise QConvertError(f"no config.json in {folder}: not a Hugging Face checkpoint folder")
+    try:
+        config = json.loads(config_path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise QConvertError(f"config.json in {folder} is not a JSON object") from None
+
+    quant_cfg = config.get("quantization_config")
+    if quant_cfg:
+        method = quant_cfg.get("quant_method", "unknown") if isinstance(quant_cfg, dict) else "unknown"
+        raise QConvertError(
+            f"{folder.name} is already quantized ({method}); importing pre-quantized checkpoints is not supported yet"
+        )
+    model_type = str(config.get("model_type", ""))
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise QConvertError(
+            f"unknown architecture {model_type or '(no model_type in config.json)'!r};"
+            f" supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
+        )
+
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise QConvertError(f"{index_path.name} has no weight_map") from None
+        shard_names = sorted(set(weight_map.values()))
+        missing = [s for s in shard_names if not (folder / s).is_file()]
+        if missing:
+            raise QConvertError(f"shard {missing[0]} listed in {index_path.name} is missing")
+    else:
+        if len(st_files) > 1:
+            raise QConvertError(f"{folder.name} has several .safetensors files but no model.safetensors.index.json")
+        weight_map, shard_names = None, st_files
+
+    files = {s: _SafetensorsFile(folder / s) for s in shard_names}
+    tensors: list[SourceTensor] = []
+    seen: set[str] = set()
+    dtypes: dict[str, int] = {}
+    for shard in shard_names:
+        f = files[shard]
+        for name in sorted(f.entries):
+            if weight_map is not None and weight_map.get(name) != shard:
+                continue
+            dtype, shape, begin, end = f.entries[name]
+            if dtype not in _FLOAT_DTYPES:
+                if dtype.startswith(("I", "U", "BOOL")):
+                    continue  # integer buffers such as BERT's position_ids are not weights
+                raise QConvertError(f"tensor {name!r} has dtype {dtype}; qconvert reads F32, F16 and BF16 checkpoints")
+            n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            if end - begin != n * _FLOAT_DTYPES[dtype]:
+                raise QConvertError(f"corrupt safetensors file {shard}: tensor {name!r} has the wrong byte length")
+            if name in seen:
+                raise QConvertError(f"tensor {name!r} appears in more than one shard")
+            seen.add(name)
+            dtypes[dtype] = dtypes.get(dtype, 0) + 1
+            tensors.append(
+                SourceTensor(name, shape if shape else (1,), dtype, lambda f=f, name=name: f.read(name))
+            )
+    tensors.sort(key=lambda t: _natural_key(t.name))
+
+    tok_path = folder / "tokenizer.json"
+    tokenizer_json = tok_path.read_text() if tok_path.is_file() else None
+    extra: dict[str, Any] = {}
+    for aux in ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+        p = folder / aux
+        if p.is_file():
+            try:
+                extra[aux] = json.loads(p.read_text())
+            except ValueError:
+                pass
+
+    hashed = [*shard_names, "config.json"] + (["tokenizer.json"] if tokenizer_json else [])
+    provenance = {
+        "kind": "hf",
+        **ident,
+        "files": [
+            {
+                "name": n,
+                "bytes": (folder / n).stat().st_size,
+                **({"sha256": sha256_file(folder / n)} if hash_files else {}),
+            }
+            for n in sorted(hashed)
+        ],
+        "quantized": False,
+        "source_types": dtypes,
+    }
+    return Source(
+        kind="hf",
+        architecture=SUPPORTED_MODEL_TYPES[model_type],
+        config=config,
+        tensors=tensors,
+        tokenizer_json=tokenizer_json,
+        provenance=provenance,
+        extra_metadata={"hf": extra} if extra else {},
+        _close=lambda: [f.close() for f in files.values()] and None,
+    )
+
+
+def _natural_key(name: str) -> list:
+    """model.layers.10 after model.layers.9: deterministic, human order."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

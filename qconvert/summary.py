@@ -1,0 +1,75 @@
+"""What ``qconvert inspect`` shows, as plain data (the CLI renders it or prints it as JSON)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .container import Container
+
+_CONFIG_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "n_embd",
+    "n_layer",
+    "n_head",
+)
+
+
+def summarize(c: Container, verify: bool = False) -> dict[str, Any]:
+    tensors = []
+    n_params = n_bytes = 0
+    types: dict[str, int] = {}
+    for info in c.tensors.values():
+        try:
+            type_name = info.block_type.name
+        except Exception:  # a block type from a newer version: still listed
+            type_name = f"unknown({info.type_id})"
+        n = info.n_elements
+        tensors.append(
+            {
+                "name": info.name,
+                "shape": list(info.shape),
+                "type": type_name,
+                "bytes": info.nbytes,
+                "bits_per_weight": round(8 * info.nbytes / n, 4) if n else 0.0,
+                **({"params": info.extra} if info.extra else {}),
+            }
+        )
+        n_params += n
+        n_bytes += info.nbytes
+        types[type_name] = types.get(type_name, 0) + 1
+    source = c.source
+    source_bytes = source.get("tensor_bytes")
+    cfg = c.config
+    out: dict[str, Any] = {
+        "path": str(c.path),
+        "file_bytes": c.file_size,
+        "format_version": f"{c.major}.{c.minor}",
+        "alignment": c.alignment,
+        "qconvert_version": c.metadata.get("qconvert.version"),
+        "architecture": c.architecture,
+        "config": {k: cfg[k] for k in _CONFIG_KEYS if k in cfg},
+        "has_tokenizer": "tokenizer.json" in c.metadata or "tokenizer.gguf" in c.metadata,
+        "source": {k: v for k, v in source.items() if k != "general"},
+        "recipe": c.recipe,
+        "metadata_keys": sorted(c.metadata),
+        "tensors": tensors,
+        "totals": {
+            "tensors": len(tensors),
+            "parameters": n_params,
+            "tensor_bytes": n_bytes,
+            "bits_per_weight": round(8 * n_bytes / n_params, 4) if n_params else 0.0,
+            "source_tensor_bytes": source_bytes,
+            "compression_ratio": round(source_bytes / n_bytes, 4) if source_bytes and n_bytes else None,
+            "types": dict(sorted(types.items())),
+        },
+    }
+    if verify:
+        out["corrupt_tensors"] = c.verify()
+    return out
