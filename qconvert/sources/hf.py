@@ -34,6 +34,8 @@ SUPPORTED_MODEL_TYPES = {
 _FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}  # bytes per element
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+_GPT2_CONV1D = re.compile(r"(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+_GPT2_MASK_BUFFER = re.compile(r"(^|\.)attn\.(masked_)?bias$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -168,6 +170,8 @@ def open_hf(spec: str, revision: str | None = None, hash_files: bool = True) -> 
             f" supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
         )
 
+    if model_type == "gpt2":
+        config = {**config, "qconvert_conv1d_transposed": True}  # see _GPT2_CONV1D below
     index_path = folder / "model.safetensors.index.json"
     if index_path.is_file():
         try:
@@ -203,10 +207,15 @@ def open_hf(spec: str, revision: str | None = None, hash_files: bool = True) -> 
             if name in seen:
                 raise QConvertError(f"tensor {name!r} appears in more than one shard")
             seen.add(name)
+            if model_type == "gpt2" and _GPT2_MASK_BUFFER.search(name):
+                continue  # causal-mask buffers of old GPT-2 checkpoints, not weights
             dtypes[dtype] = dtypes.get(dtype, 0) + 1
-            tensors.append(
-                SourceTensor(name, shape if shape else (1,), dtype, lambda f=f, name=name: f.read(name))
-            )
+            load = lambda f=f, name=name: f.read(name)  # noqa: E731
+            if model_type == "gpt2" and _GPT2_CONV1D.search(name) and len(shape) == 2:
+                # GPT-2's Conv1D stores (in, out); the container stores (out, in) like every Linear.
+                load = _transposed(load, shape, _FLOAT_DTYPES[dtype])
+                shape = (shape[1], shape[0])
+            tensors.append(SourceTensor(name, shape if shape else (1,), dtype, load))
     tensors.sort(key=lambda t: _natural_key(t.name))
 
     tok_path = folder / "tokenizer.json"
@@ -245,6 +254,14 @@ def open_hf(spec: str, revision: str | None = None, hash_files: bool = True) -> 
         extra_metadata={"hf": extra} if extra else {},
         _close=lambda: [f.close() for f in files.values()] and None,
     )
+
+
+def _transposed(load, shape: tuple[int, int], itemsize: int):
+    def read() -> np.ndarray:
+        values = load().view(f"<u{itemsize}").reshape(shape)
+        return np.ascontiguousarray(values.T).view(np.uint8).reshape(-1)
+
+    return read
 
 
 def _natural_key(name: str) -> list:
