@@ -76,7 +76,7 @@ def _human_bytes(n: int) -> str:
 def quantize(
     source: str = typer.Argument(..., help="HF folder, hub id (owner/name) or .gguf file."),
     output: Path = typer.Option(..., "-o", "--output", help="Container file to write."),
-    method: str = typer.Option("rtn", "--method", "-m", help="Quantization method: rtn."),
+    method: str = typer.Option("rtn", "--method", "-m", help="Quantization method: rtn; or f32/f16/bf16 to store an unquantized reference."),
     bits: int = typer.Option(8, "--bits", "-b", help="Bits per weight: 4, 5 or 8."),
     group: int = typer.Option(32, "--group", "-g", help="Weights per scale (GGML blocks: 32)."),
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (Q4_0/Q5_0/Q8_0) or with a min (Q4_1/Q5_1)."),
@@ -183,6 +183,167 @@ def _print_summary(info: dict) -> None:
     )
     if "corrupt_tensors" in info:
         out.print("checksums: " + ("all tensors OK" if not info["corrupt_tensors"] else f"{len(info['corrupt_tensors'])} corrupt"))
+
+
+@app.command()
+@_handle_errors
+def run(
+    path: Path = typer.Argument(..., help="Container file."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue (language models)."),
+    text: Optional[str] = typer.Option(None, "--text", help="Text to embed (BERT encoders)."),
+    max_tokens: int = typer.Option(64, "--max-tokens", "-n", help="Tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0 = all)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Sample from the smallest set with this much probability."),
+    seed: int = typer.Option(0, "--seed", help="Random seed for sampling (same seed, same text)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of streaming it."),
+) -> None:
+    """Generate text with a container's model on the CPU (or embed text with an encoder).
+
+    Example: qconvert run s.q8 --prompt "Once upon a time" --max-tokens 30
+    """
+    from .container import open_container
+    from .runtime.generate import generate
+    from .runtime.models import load_model
+    from .runtime.tokenizer import Tokenizer
+
+    with open_container(path) as c:
+        model = load_model(c)
+        tok = Tokenizer.from_container(c)
+        if c.architecture == "bert":
+            if text is None:
+                raise QConvertError("this is an encoder: give --text to embed (it does not generate)")
+            vec = model.embed(tok.encode(text))
+            if as_json:
+                print(json.dumps({"text": text, "dim": int(vec.size), "embedding": [float(v) for v in vec]}))
+            else:
+                print(" ".join(f"{v:.6f}" for v in vec))
+            return
+        if prompt is None:
+            raise QConvertError("give --prompt TEXT to generate from")
+        if chat:
+            prompt_text = tok.apply_chat_template([{"role": "user", "content": prompt}])
+            ids = tok.encode(prompt_text, add_bos=False)
+        else:
+            ids = tok.encode(prompt)
+        stream = tok.decode_stream(skip_special=True, context=ids)
+        if not as_json:
+            sys.stdout.write(prompt if not chat else "")
+            sys.stdout.flush()
+
+        def on_token(token: int) -> None:
+            if not as_json:
+                sys.stdout.write(stream.step(token))
+                sys.stdout.flush()
+
+        stats = generate(model, ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         seed=seed, stop_ids=set(tok.eos_ids), on_token=on_token)
+    if as_json:
+        print(json.dumps({
+            "prompt": prompt, "text": tok.decode(stats.ids, skip_special=True), "ids": stats.ids,
+            "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens,
+            "prompt_tokens_per_s": round(stats.prompt_tps, 2), "decode_tokens_per_s": round(stats.decode_tps, 2),
+        }, indent=2))
+        return
+    sys.stdout.write(stream.flush() + "\n")
+    err.print(
+        f"prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tokens/s;"
+        f" generation: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tokens/s",
+        highlight=False,
+    )
+
+
+def _open_reference(spec: str, stack: Any) -> Any:
+    """A container file as is; anything else is a source, converted to a temporary F32 container."""
+    import tempfile
+
+    from .container import open_container
+    from .container.format import MAGIC
+
+    p = Path(spec)
+    if p.is_file():
+        with open(p, "rb") as f:
+            if f.read(4) == MAGIC:
+                return stack.enter_context(open_container(p))
+    from .convert import quantize as run_quantize
+
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="qconvert-ref-")))
+    err.print(f"converting reference {spec} to F32 ...", highlight=False)
+    run_quantize(spec, tmp / "reference.q", method="f32")
+    return stack.enter_context(open_container(tmp / "reference.q"))
+
+
+@app.command(name="eval")
+@_handle_errors
+def eval_cmd(
+    path: Path = typer.Argument(..., help="Container file."),
+    text: Path = typer.Option(..., "--text", help="Evaluation text (e.g. wiki.test.raw); CRLF is normalised."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Container, or source (HF folder / .gguf), to compare against: KLD, top-1 agreement, RMS dp."),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per window (llama-perplexity's -c)."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Evaluate only the first N windows."),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="Put BOS first in each window (default: when the tokenizer adds BOS)."),
+    max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help="Fail (exit 3) if PPL / reference PPL exceeds this."),
+    max_kld: Optional[float] = typer.Option(None, "--max-kld", help="Fail (exit 3) if the mean KL divergence exceeds this."),
+    max_ppl: Optional[float] = typer.Option(None, "--max-ppl", help="Fail (exit 3) if the perplexity exceeds this."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Perplexity (llama.cpp's protocol), and KL divergence against a reference.
+
+    Example: qconvert eval s.q4 --text wiki.test.raw --reference s.f32 --max-kld 0.05
+    """
+    import contextlib
+
+    from .container import open_container
+    from .errors import QualityGateError
+    from .evaluate import evaluate, read_text
+    from .runtime.models import load_model
+    from .runtime.tokenizer import Tokenizer
+
+    if (max_ppl_ratio is not None or max_kld is not None) and reference is None:
+        raise QConvertError("--max-ppl-ratio and --max-kld need --reference")
+    with contextlib.ExitStack() as stack:
+        c = stack.enter_context(open_container(path))
+        model = load_model(c)
+        if not hasattr(model, "forward"):
+            raise QConvertError(f"eval measures language models; {c.architecture} is an encoder")
+        tok = Tokenizer.from_container(c)
+        tokens = tok.encode(read_text(text), add_bos=False)
+        add_bos = tok.add_bos_default if bos is None else bos
+        ref_model = None
+        if reference is not None:
+            ref_c = _open_reference(reference, stack)
+            ref_model = load_model(ref_c)
+            if ref_model.vocab_size != model.vocab_size:
+                raise QConvertError("the reference has a different vocabulary; KLD needs the same tokenizer")
+        with Progress(TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
+            task = bar.add_task("eval", total=None)
+            result = evaluate(model, tokens, ctx=ctx, chunks=chunks, bos_id=tok.bos_id if add_bos else None,
+                              reference=ref_model, progress=lambda i, n: bar.update(task, completed=i, total=n))
+    info = result.as_dict()
+    info["model"] = str(path)
+    info["text"] = str(text)
+    failures = []
+    ref = result.reference or {}
+    if max_ppl is not None and result.ppl > max_ppl:
+        failures.append(f"PPL {result.ppl:.4f} > {max_ppl}")
+    if max_ppl_ratio is not None and ref["ppl_ratio"] > max_ppl_ratio:
+        failures.append(f"PPL ratio {ref['ppl_ratio']:.4f} > {max_ppl_ratio}")
+    if max_kld is not None and ref["kld_mean"] > max_kld:
+        failures.append(f"mean KLD {ref['kld_mean']:.5f} > {max_kld}")
+    info["gate"] = {"passed": not failures, "failures": failures}
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        out.print(f"PPL {result.ppl:.4f} over {result.chunks} windows of {result.ctx} tokens"
+                  f" ({result.tokens_scored} scored) in {result.seconds:.1f} s", highlight=False)
+        if ref:
+            out.print(f"reference PPL {ref['ppl']:.4f}, PPL ratio {ref['ppl_ratio']:.4f}, mean KLD {ref['kld_mean']:.6f}"
+                      f" (p99 {ref['kld_p99']:.4f}), same top-1 token {100 * ref['top1_agreement']:.2f}%,"
+                      f" RMS dp {100 * ref['rms_dp']:.3f}%", highlight=False)
+    if failures:
+        raise QualityGateError("quality gate failed: " + "; ".join(failures))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,10 @@ from .methods.rtn import rtn_block_type
 from .plan import TensorPlan, plan_tensors
 from .sources import Source, open_source
 
-METHODS = ("rtn",)
+# Storing every matrix in a float type: the unquantized reference that eval compares against
+# (a quantized source such as a Q4_1 GGUF is dequantized into it).
+FLOAT_METHODS = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
+METHODS = ("rtn", *FLOAT_METHODS)
 
 # Called after each tensor: (index, total, plan).
 Progress = Callable[[int, int, TensorPlan], None]
@@ -96,12 +99,20 @@ def quantize(
     """
     if method not in METHODS:
         raise QConvertError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-    default = rtn_block_type(bits, group, sym)
+    if method in FLOAT_METHODS:
+        default = by_name(FLOAT_METHODS[method])
+        output_type = default.name
+        bits = int(default.bits_per_weight)
+    else:
+        default = rtn_block_type(bits, group, sym)
+        output_type = None
     recipe = build_recipe(method, bits, group, sym, keep, list(tensor_types))
     started = time.perf_counter()
     output = Path(output)
     with open_source(str(source), revision=revision) as src:
-        plans = plan_tensors(src.tensors, src.config, default, keep=keep, tensor_types=list(tensor_types))
+        plans = plan_tensors(
+            src.tensors, src.config, default, keep=keep, tensor_types=list(tensor_types), output_type=output_type
+        )
         metadata = container_metadata(src, recipe, plans)
         specs = [TensorSpec(p.name, p.shape, p.type_name) for p in plans]
         by_tensor = {t.name: t for t in src.tensors}

@@ -1,0 +1,78 @@
+"""A container's tensors as the runtime sees them: matrices stay packed, vectors become float32."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..container import Container
+from ..errors import QConvertError
+from . import kernels
+
+
+class Linear:
+    """y = W x (+ b) computed on W's packed blocks, straight from the mmap."""
+
+    def __init__(self, raw: np.ndarray, type_name: str, shape: tuple[int, int], bias: np.ndarray | None = None) -> None:
+        if not kernels.has_kernel(type_name):
+            raise QConvertError(f"the runtime has no kernel for block type {type_name} yet")
+        self.raw, self.type_name, self.shape, self.bias = raw, type_name, shape, bias
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = kernels.linear(self.raw, self.type_name, np.ascontiguousarray(x, dtype=np.float32))
+        return y + self.bias if self.bias is not None else y
+
+
+class Embedding:
+    """Rows of a (vocab, dim) table, dequantized only for the ids asked for."""
+
+    def __init__(self, raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> None:
+        self.raw, self.type_name, self.shape = raw, type_name, shape
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
+            raise QConvertError(f"token id out of range 0..{self.shape[0] - 1}")
+        return kernels.embedding_rows(self.raw, self.type_name, ids, self.shape[1])
+
+    def as_linear(self) -> Linear:
+        return Linear(self.raw, self.type_name, self.shape)
+
+
+class Weights:
+    """Name-based access to a container's tensors, with an optional name prefix to try."""
+
+    def __init__(self, container: Container, prefixes: tuple[str, ...] = ("",)) -> None:
+        self.c = container
+        self.prefixes = prefixes
+
+    def name(self, name: str) -> str:
+        for p in self.prefixes:
+            if p + name in self.c.tensors:
+                return p + name
+        raise QConvertError(f"the container lacks tensor {name!r}, which this architecture needs")
+
+    def has(self, name: str) -> bool:
+        return any(p + name in self.c.tensors for p in self.prefixes)
+
+    def vector(self, name: str) -> np.ndarray:
+        return np.ascontiguousarray(self.c.tensor(self.name(name)).reshape(-1), dtype=np.float32)
+
+    def matrix(self, name: str) -> np.ndarray:
+        return self.c.tensor(self.name(name))
+
+    def linear(self, name: str, bias: str | None = None) -> Linear:
+        full = self.name(name)
+        info = self.c.tensors[full]
+        if len(info.shape) != 2:
+            raise QConvertError(f"tensor {full} should be a matrix, has shape {list(info.shape)}")
+        b = self.vector(bias) if bias is not None and self.has(bias) else None
+        return Linear(self.c.raw(full), info.block_type.name, info.shape, b)
+
+    def embedding(self, name: str) -> Embedding:
+        full = self.name(name)
+        info = self.c.tensors[full]
+        return Embedding(self.c.raw(full), info.block_type.name, info.shape)
