@@ -20,6 +20,8 @@ from ..errors import QConvertError
 
 QuantizeBlocks = Callable[[np.ndarray], np.ndarray]
 DequantizeBlocks = Callable[[np.ndarray], np.ndarray]
+# (rows, row_length) float32, importance (row_length,) float32 or None -> (rows, row_bytes) uint8
+QuantizeRows = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,10 @@ class BlockType:
     ggml: bool = True  # GGML has this type with identical bytes
     description: str = ""
     is_float: bool = field(default=False)
+    # Row-level quantizer for types whose search looks beyond one block or takes an importance
+    # matrix (llama.cpp's imatrix: one non-negative weight per input column). When set, it is
+    # used instead of quantize_blocks.
+    quantize_rows: QuantizeRows | None = field(default=None, repr=False)
 
     @property
     def bits_per_weight(self) -> float:
@@ -52,13 +58,27 @@ class BlockType:
         n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
         return n_rows * self.row_bytes(int(shape[-1]) if shape else 1)
 
-    def quantize(self, values: np.ndarray) -> np.ndarray:
-        """Float array (last axis a multiple of block_size) -> uint8 array (rows, row_bytes)."""
-        if self.quantize_blocks is None:
-            raise QConvertError(f"block type {self.name} can be read but not written by qconvert")
+    def quantize(self, values: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+        """Float array (last axis a multiple of block_size) -> uint8 array (rows, row_bytes).
+
+        ``importance``: optional per-column weights (length = row length) for types that use
+        them; types that do not ignore it (as llama.cpp ignores an imatrix for Q8_0)."""
         values = np.asarray(values, dtype=np.float32)
         shape = values.shape if values.ndim else (1,)
         row_bytes = self.row_bytes(shape[-1])
+        if self.quantize_rows is not None:
+            rows = np.ascontiguousarray(values).reshape(-1, shape[-1])
+            if importance is not None:
+                importance = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
+                if importance.size != shape[-1]:
+                    raise QConvertError(
+                        f"importance vector has {importance.size} values, the rows have {shape[-1]}"
+                    )
+            packed = self.quantize_rows(rows, importance)
+            assert packed.dtype == np.uint8 and packed.shape == (rows.shape[0], row_bytes)
+            return packed
+        if self.quantize_blocks is None:
+            raise QConvertError(f"block type {self.name} can be read but not written by qconvert")
         blocks = np.ascontiguousarray(values).reshape(-1, self.block_size)
         packed = self.quantize_blocks(blocks)
         assert packed.dtype == np.uint8 and packed.shape == (blocks.shape[0], self.type_size)
