@@ -76,13 +76,16 @@ def _human_bytes(n: int) -> str:
 def quantize(
     source: str = typer.Argument(..., help="HF folder, hub id (owner/name) or .gguf file."),
     output: Path = typer.Option(..., "-o", "--output", help="Container file to write."),
-    method: str = typer.Option("rtn", "--method", "-m", help="Quantization method: rtn; or f32/f16/bf16 to store an unquantized reference."),
+    method: str = typer.Option("rtn", "--method", "-m", help="rtn (with --bits/--asym); a llama.cpp K-quant mix: q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k; or f32/f16/bf16 (unquantized reference)."),
     bits: int = typer.Option(8, "--bits", "-b", help="Bits per weight: 4, 5 or 8."),
     group: int = typer.Option(32, "--group", "-g", help="Weights per scale (GGML blocks: 32)."),
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (Q4_0/Q5_0/Q8_0) or with a min (Q4_1/Q5_1)."),
     keep: Optional[str] = typer.Option(None, "--keep", help="Regex of tensor names to leave unquantized, e.g. 'lm_head|embed'."),
     tensor_type: List[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE per-tensor override, e.g. 'down_proj=q8_0' (repeatable)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix from `qconvert imatrix` (weights the K-quant and Q4/Q5 searches)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text: compute an importance matrix from it first."),
+    calib_chunks: Optional[int] = typer.Option(None, "--calib-chunks", help="Use only this many 512-token windows of --calib."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -109,7 +112,8 @@ def quantize(
 
         result = run_quantize(
             source, output, method=method, bits=bits, group=group, sym=sym, keep=keep,
-            tensor_types=tensor_type, revision=revision, progress=progress,
+            tensor_types=tensor_type, revision=revision, imatrix=imatrix, calib=calib, calib_chunks=calib_chunks,
+            progress=progress,
         )
     types: dict[str, int] = {}
     for p in result.plans:
@@ -252,6 +256,41 @@ def run(
         f" generation: {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tokens/s",
         highlight=False,
     )
+
+
+@app.command()
+@_handle_errors
+def imatrix(
+    model: str = typer.Argument(..., help="Container, or source (HF folder / hub id / .gguf) to run."),
+    calib: Path = typer.Option(..., "--calib", help="Calibration text file."),
+    output: Path = typer.Option(..., "-o", "--output", help="Importance-matrix file to write."),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per window."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="Use only the first N windows."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Collect an importance matrix (mean x^2 per input column of every weight matrix).
+
+    Example: qconvert imatrix smollm2.f32 --calib input.txt --chunks 32 -o imatrix.dat
+    """
+    import contextlib
+
+    from .evaluate import read_text
+    from .imatrix import collect_imatrix, save_imatrix
+
+    text = read_text(calib)
+    with contextlib.ExitStack() as stack:
+        c = _open_reference(model, stack)
+        with Progress(TextColumn("[bold]imatrix"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True, disable=as_json or not err.is_terminal) as bar:
+            task = bar.add_task("imatrix", total=None)
+            importance, info = collect_imatrix(c, text, ctx=ctx, chunks=chunks,
+                                               progress=lambda i, n: bar.update(task, completed=i, total=n))
+    info["calibration_file"] = calib.name
+    save_imatrix(output, importance, info)
+    if as_json:
+        print(json.dumps({"output": str(output), "entries": len(importance), **info}, indent=2))
+    else:
+        out.print(f"wrote {output}: {len(importance)} matrices, {info['tokens']} tokens in {info['chunks']} windows", highlight=False)
 
 
 def _open_reference(spec: str, stack: Any) -> Any:

@@ -1,13 +1,13 @@
 """Which block type each tensor gets.
 
-Defaults follow llama.cpp's practice: 2-D weight matrices take the method's type; norms,
-biases, 1-D tensors and positional / token-type embeddings stay in float; the output
-projection (``lm_head``, or the token embedding when the two are tied) is kept at 8 bits
-when the method goes below that, because it is the most sensitive matrix (llama.cpp gives
-it Q6_K). ``--keep REGEX`` and ``--tensor-type REGEX=TYPE`` override per tensor.
+Defaults follow llama.cpp's practice: 2-D weight matrices take the mix's types (see
+``methods/mixes.py``: the default type, with bumps for attn_v / ffn_down / attn_output, and
+Q6_K -- or Q8_0 where Q6_K cannot hold the rows -- for the output projection or the tied
+token embedding); norms, biases, 1-D tensors and positional / token-type embeddings stay in
+float. ``--keep REGEX`` and ``--tensor-type REGEX=TYPE`` override per tensor.
 
-A tensor whose row length the chosen type cannot hold falls back to F16 (documented in
-FORMAT.md) -- unless the type was asked for explicitly, which is an error.
+A tensor whose row length the chosen type cannot hold falls back as llama.cpp does (e.g.
+Q4_K -> Q5_0, then F16) -- unless the type was asked for explicitly, which is an error.
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ from dataclasses import dataclass
 
 from .blocks import BlockType, by_name
 from .errors import QConvertError
+from .methods.mixes import Mix, fallback, mix_type, model_shape, output_type
 from .sources.base import SourceTensor
-
-FALLBACK_TYPE = "F16"
-OUTPUT_TYPE = "Q8_0"
 
 # Never quantized (llama.cpp keeps these in float too).
 _FLOAT_ONLY = re.compile(
@@ -36,7 +34,7 @@ class TensorPlan:
     shape: tuple[int, ...]
     source_type: str
     type_name: str
-    reason: str  # why this type: "default", "float-only", "output", "--keep", "--tensor-type", "fallback ..."
+    reason: str  # why this type: "default", "mix", "float-only", "output", "--keep", "--tensor-type", "fallback ..."
 
     @property
     def copies_source(self) -> bool:
@@ -76,23 +74,22 @@ def output_tensor_name(names: list[str], config: dict) -> str | None:
 def plan_tensors(
     tensors: list[SourceTensor],
     config: dict,
-    default: BlockType,
+    mix: Mix,
     keep: str | None = None,
     tensor_types: list[str] | None = None,
-    output_type: str | None = None,
+    has_imatrix: bool = False,
 ) -> list[TensorPlan]:
     keep_re = _compile(keep, "--keep") if keep else None
     overrides = parse_tensor_types(tensor_types or [])
     output_name = output_tensor_name([t.name for t in tensors], config)
-    if output_type is None:
-        output_type = OUTPUT_TYPE if default.bits_per_weight < by_name(OUTPUT_TYPE).bits_per_weight else default.name
+    shape = model_shape(config)
     plans = []
     for t in tensors:
-        plans.append(_plan_one(t, default, keep_re, overrides, t.name == output_name, by_name(output_type)))
+        plans.append(_plan_one(t, mix, shape, keep_re, overrides, t.name == output_name, has_imatrix))
     return plans
 
 
-def _plan_one(t, default, keep_re, overrides, is_output, output_type) -> TensorPlan:
+def _plan_one(t, mix, shape, keep_re, overrides, is_output, has_imatrix) -> TensorPlan:
     def make(type_name: str, reason: str) -> TensorPlan:
         return TensorPlan(t.name, t.shape, t.dtype, type_name, reason)
 
@@ -110,10 +107,10 @@ def _plan_one(t, default, keep_re, overrides, is_output, output_type) -> TensorP
         return make(kept_type, "--keep")
     if len(t.shape) < 2 or _FLOAT_ONLY.search(t.name):
         return make(kept_type, "float-only")
-    target, reason = (output_type, "output") if is_output else (default, "default")
-    if not target.can_hold(t.shape):
-        return make(
-            FALLBACK_TYPE,
-            f"fallback: rows of {t.shape[-1]} are not a multiple of {target.name}'s block of {target.block_size}",
-        )
-    return make(target.name, reason)
+    if is_output:
+        target, reason = output_type(mix, t.shape[-1]), "output"
+    else:
+        target = mix_type(mix, t.name, shape, has_imatrix)
+        reason = "default" if target == mix.default else "mix"
+    final, why = fallback(target, t.shape[-1])
+    return make(final, why or reason)

@@ -6,24 +6,24 @@ min/max). This module only maps the user's ``--bits/--group/--sym`` onto a block
 
 from __future__ import annotations
 
-from ..blocks import BlockType, by_name
 from ..errors import QConvertError
+from .mixes import MIXES, Mix
 
-# (bits, symmetric) -> GGML block type with group 32
-_RTN_TYPES = {
-    (4, True): "Q4_0",
-    (4, False): "Q4_1",
-    (5, True): "Q5_0",
-    (5, False): "Q5_1",
-    (8, True): "Q8_0",
+# (bits, symmetric) -> llama.cpp mix of that GGML block type (group 32)
+_RTN_MIXES = {
+    (4, True): "q4_0",
+    (4, False): "q4_1",
+    (5, True): "q5_0",
+    (5, False): "q5_1",
+    (8, True): "q8_0",
 }
 
 
-def rtn_block_type(bits: int, group: int = 32, sym: bool = True) -> BlockType:
+def rtn_mix(bits: int, group: int = 32, sym: bool = True) -> Mix:
     if group != 32:
         raise QConvertError(f"rtn stores GGML blocks of 32 weights; --group {group} is not supported (use --group 32)")
     try:
-        return by_name(_RTN_TYPES[(bits, sym)])
+        return MIXES[_RTN_MIXES[(bits, sym)]]
     except KeyError:
         if bits == 8:
             raise QConvertError("8-bit rtn is symmetric only (Q8_0); drop --asym") from None

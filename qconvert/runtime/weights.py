@@ -9,19 +9,33 @@ from ..errors import QConvertError
 from . import kernels
 
 
+# While set, every named Linear reports its input here (imatrix collection): (name, x (T, in)).
+_input_recorder = None
+
+
+def record_inputs(recorder) -> None:
+    """Install (or with None remove) a callable ``recorder(name, x)`` fed every Linear input."""
+    global _input_recorder
+    _input_recorder = recorder
+
+
 class Linear:
     """y = W x (+ b) computed on W's packed blocks, straight from the mmap."""
 
-    def __init__(self, raw: np.ndarray, type_name: str, shape: tuple[int, int], bias: np.ndarray | None = None) -> None:
+    def __init__(self, raw: np.ndarray, type_name: str, shape: tuple[int, int], bias: np.ndarray | None = None,
+                 name: str | None = None) -> None:
         if not kernels.has_kernel(type_name):
             raise QConvertError(f"the runtime has no kernel for block type {type_name} yet")
         self.raw, self.type_name, self.shape, self.bias = raw, type_name, shape, bias
+        self.name = name  # the container tensor; None for projections that are not recorded
 
     @property
     def out_features(self) -> int:
         return self.shape[0]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        if _input_recorder is not None and self.name is not None:
+            _input_recorder(self.name, x)
         y = kernels.linear(self.raw, self.type_name, np.ascontiguousarray(x, dtype=np.float32))
         return y + self.bias if self.bias is not None else y
 
@@ -70,7 +84,7 @@ class Weights:
         if len(info.shape) != 2:
             raise QConvertError(f"tensor {full} should be a matrix, has shape {list(info.shape)}")
         b = self.vector(bias) if bias is not None and self.has(bias) else None
-        return Linear(self.c.raw(full), info.block_type.name, info.shape, b)
+        return Linear(self.c.raw(full), info.block_type.name, info.shape, b, name=full)
 
     def embedding(self, name: str) -> Embedding:
         full = self.name(name)

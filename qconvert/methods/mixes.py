@@ -1,0 +1,154 @@
+"""llama.cpp's quantization mixes: which block type each tensor of a "Q4_K_M" file gets.
+
+A mix has a default type and bumps the tensors that hurt most when quantized coarsely
+(attn_v, ffn_down, attn_output, the output projection), following
+``llama_tensor_get_type`` in llama.cpp's src/llama-quant.cpp for dense models. Tensors are
+recognised by their Hugging Face names. Rows the chosen type cannot hold fall back as in
+llama.cpp: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..blocks import by_name
+
+
+@dataclass(frozen=True)
+class Mix:
+    name: str  # lower-case CLI name, e.g. "q4_k_m"
+    default: str  # block type of ordinary matrices
+    ftype: int  # llama_ftype, written to GGUF's general.file_type
+
+
+MIXES = {
+    m.name: m
+    for m in (
+        Mix("q4_0", "Q4_0", 2),
+        Mix("q4_1", "Q4_1", 3),
+        Mix("q8_0", "Q8_0", 7),
+        Mix("q5_0", "Q5_0", 8),
+        Mix("q5_1", "Q5_1", 9),
+        Mix("q2_k", "Q2_K", 10),
+        Mix("q3_k_s", "Q3_K", 11),
+        Mix("q3_k_m", "Q3_K", 12),
+        Mix("q3_k_l", "Q3_K", 13),
+        Mix("q4_k_s", "Q4_K", 14),
+        Mix("q4_k_m", "Q4_K", 15),
+        Mix("q5_k_s", "Q5_K", 16),
+        Mix("q5_k_m", "Q5_K", 17),
+        Mix("q6_k", "Q6_K", 18),
+        # unquantized references: every matrix in one float type
+        Mix("f32", "F32", 0),
+        Mix("f16", "F16", 1),
+        Mix("bf16", "BF16", 32),
+    )
+}
+K_MIXES = tuple(n for n in MIXES if "_k" in n)
+
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+# Hugging Face name -> llama.cpp tensor category
+_CATEGORIES = [
+    ("attn_v", re.compile(r"self_attn\.v_proj\.weight$|attention\.self\.value\.weight$")),
+    ("attn_qkv", re.compile(r"attn\.c_attn\.weight$|self_attn\.qkv_proj\.weight$")),
+    ("attn_k", re.compile(r"self_attn\.k_proj\.weight$|attention\.self\.key\.weight$")),
+    ("attn_q", re.compile(r"self_attn\.q_proj\.weight$|attention\.self\.query\.weight$")),
+    ("attn_output", re.compile(r"self_attn\.o_proj\.weight$|attn\.c_proj\.weight$|attention\.output\.dense\.weight$")),
+    ("ffn_up", re.compile(r"mlp\.up_proj\.weight$|mlp\.c_fc\.weight$|intermediate\.dense\.weight$")),
+    ("ffn_gate", re.compile(r"mlp\.gate_proj\.weight$")),
+    ("ffn_down", re.compile(r"mlp\.down_proj\.weight$|mlp\.c_proj\.weight$|layer\.\d+\.output\.dense\.weight$")),
+]
+_LAYER = re.compile(r"\.(?:layers|h|layer)\.(\d+)\.")
+
+
+def category(name: str) -> str:
+    for cat, pattern in _CATEGORIES:
+        if pattern.search(name):
+            return cat
+    return "other"
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_layers: int
+    n_gqa: int  # attention heads per KV head
+
+
+def model_shape(config: dict) -> ModelShape:
+    n_layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
+    heads = int(config.get("num_attention_heads") or config.get("n_head") or 1)
+    kv = int(config.get("num_key_value_heads") or heads)
+    return ModelShape(n_layers, max(heads // max(kv, 1), 1))
+
+
+def output_type(mix: Mix, row_length: int) -> str:
+    """The output projection (or tied embedding): Q6_K, or Q8_0 where Q6_K cannot hold the rows."""
+    if by_name(mix.default).is_float:
+        return mix.default
+    if mix.default == "Q8_0" or row_length % by_name(mix.default).block_size:
+        return "Q8_0"
+    if row_length % 256:
+        return "Q8_0"
+    return "Q6_K"
+
+
+def mix_type(mix: Mix, name: str, shape: ModelShape, has_imatrix: bool = False) -> str:
+    """The type llama.cpp's mix gives tensor ``name`` (before the row-length fallback)."""
+    if by_name(mix.default).is_float:
+        return mix.default
+    cat, f = category(name), mix.name
+    i = layer_index(name)
+    n = shape.n_layers
+    if cat == "attn_v" or cat == "attn_qkv":
+        if cat == "attn_qkv":
+            return {"q3_k_m": "Q4_K", "q3_k_l": "Q4_K", "q4_k_m": "Q5_K", "q5_k_m": "Q6_K"}.get(f, mix.default)
+        if f == "q2_k":
+            return "Q4_K" if shape.n_gqa >= 4 else "Q3_K"
+        if f == "q3_k_m":
+            return "Q5_K" if i is not None and i < 2 else "Q4_K"
+        if f == "q3_k_l":
+            return "Q5_K"
+        if f in ("q4_k_m", "q5_k_m") and i is not None and use_more_bits(i, n):
+            return "Q6_K"
+        if f == "q4_k_s" and i is not None and i < 4:
+            return "Q5_K"
+        return mix.default
+    if cat == "ffn_down" and i is not None:
+        if f == "q2_k":
+            return "Q3_K"
+        if f == "q3_k_m":
+            return "Q5_K" if i < n // 16 else "Q4_K"
+        if f == "q3_k_l":
+            return "Q5_K"
+        if f in ("q4_k_m", "q5_k_m"):
+            return "Q6_K" if use_more_bits(i, n) else mix.default
+        if f == "q4_k_s" and i < n // 8:
+            return "Q5_K"
+        if f in ("q4_0", "q5_0") and has_imatrix and i < n // 8:
+            return "Q4_1" if f == "q4_0" else "Q5_1"
+        return mix.default
+    if cat == "attn_output":
+        return {"q2_k": "Q3_K", "q3_k_m": "Q4_K", "q3_k_l": "Q5_K"}.get(f, mix.default)
+    return mix.default
+
+
+def fallback(type_name: str, row_length: int) -> tuple[str, str | None]:
+    """A type that can hold rows of ``row_length``: the same, llama.cpp's fallback, or F16."""
+    if row_length % by_name(type_name).block_size == 0:
+        return type_name, None
+    first = _FALLBACK.get(type_name, "F16")
+    if row_length % by_name(first).block_size:
+        first = "F16"
+    block = by_name(type_name).block_size
+    return first, f"fallback: rows of {row_length} are not a multiple of {type_name}'s block of {block}"
