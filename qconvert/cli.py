@@ -293,6 +293,34 @@ def imatrix(
         out.print(f"wrote {output}: {len(importance)} matrices, {info['tokens']} tokens in {info['chunks']} windows", highlight=False)
 
 
+@app.command()
+@_handle_errors
+def export(
+    path: Path = typer.Argument(..., help="Container file."),
+    to: str = typer.Option(..., "--to", help="Target format: gguf."),
+    output: Path = typer.Option(..., "-o", "--output", help="File to write."),
+    allow_requant: bool = typer.Option(False, "--allow-requant", help="Convert tensors whose type the target lacks (to Q8_0) instead of refusing."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Export a container to GGUF (llama.cpp), copying every tensor's blocks unchanged.
+
+    Example: qconvert export smollm2.q4_k_m --to gguf -o smollm2.Q4_K_M.gguf
+    """
+    from .container import open_container
+
+    if to.lower() != "gguf":
+        raise QConvertError(f"unknown export format {to!r}; available: gguf")
+    from .export.gguf import export_gguf
+
+    with open_container(path) as c:
+        summary = export_gguf(c, output, allow_requant=allow_requant)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        types = ", ".join(f"{n}x {t}" for t, n in sorted(summary["types"].items()))
+        out.print(f"wrote {output} (GGUF v3, {_human_bytes(summary['file_bytes'])}, {summary['tensors']} tensors: {types})", highlight=False)
+
+
 def _open_reference(spec: str, stack: Any) -> Any:
     """A container file as is; anything else is a source, converted to a temporary F32 container."""
     import tempfile

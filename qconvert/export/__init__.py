@@ -1,0 +1,1 @@
+"""Exporters: the container to other formats (GGUF for llama.cpp)."""
