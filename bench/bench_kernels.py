@@ -3,9 +3,18 @@
     python bench/bench_kernels.py                    # all types, 2 threads (a few minutes)
     python bench/bench_kernels.py --threads 1        # single core, kernels and BLAS alike
     python bench/bench_kernels.py --types Q4_0 F32 --quick
+    python bench/bench_kernels.py --threads 2 --quick --types F32 Q4_0 Q4_K Q6_K --shapes 576x1536 1536x4096
 
-Shapes are SmolLM2-135M's, (out x in): 1536x576 (gate/up), 576x1536 (down), 49152x576
-(lm_head).
+Shapes (out x in): SmolLM2-135M's 1536x576 (gate/up), 576x1536 (down), 49152x576 (lm_head),
+and 1536x4096 (a projection with 4096-wide rows, as in larger models). A type runs on a
+shape only when the row length is a multiple of its block size: the K-quants (256-element
+super-blocks) and the group-wise I4G128 / I3G128 (128-element groups) run on 576x1536 and
+1536x4096 only (576 is a multiple of neither).
+
+Weights: the legacy and float types are quantised from random normal weights with their
+codecs; the K-quant types use random valid packed blocks (reference_kquants.random_blocks),
+so the benchmark does not depend on the K-quant codecs (the kernels' speed does not depend
+on the values).
 
 matvec (decode): microseconds per call and GB/s of weight bytes read, for
 - hot:  the same matrix again and again (it stays in L2/L3 when it fits), and
@@ -19,7 +28,9 @@ float32 ``X @ W.T`` (BLAS sgemm).
 
 The numpy baselines run in a separate process: OpenBLAS worker threads busy-wait after
 each call and would otherwise steal the cores from the numba threads being measured.
-Times are medians of per-call timings (the host may be shared; medians ignore stalls).
+Times are medians of per-call timings (the host may be shared; medians ignore stalls);
+on a busy host, ``--pct 10`` reports the 10th percentile instead (the kernel's own speed
+when it got the cores).
 """
 
 from __future__ import annotations
@@ -32,9 +43,11 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES = [(1536, 576), (576, 1536), (49152, 576)]  # (out, in)
-TYPES = ["F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]
+SHAPES = [(1536, 576), (576, 1536), (49152, 576), (1536, 4096)]  # (out, in)
+TYPES = ["F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K", "I4G128", "I3G128"]
+KQUANTS = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 TOKENS = [7, 64, 512]
+PCT = 50  # percentile of the per-call times reported (--pct)
 
 
 def _set_threads(n: int | None) -> None:
@@ -56,7 +69,8 @@ def l3_bytes() -> int:
 
 
 def timeit(fn, min_time: float = 0.3, max_calls: int = 2000) -> float:
-    """Median seconds per call over >= min_time (at least 5 calls, after one warm-up)."""
+    """PCT-th percentile (default: median) of the seconds per call over >= min_time (at least
+    5 calls, after one warm-up)."""
     fn()
     ts = []
     t_end = time.perf_counter() + min_time
@@ -65,7 +79,7 @@ def timeit(fn, min_time: float = 0.3, max_calls: int = 2000) -> float:
         fn()
         ts.append(time.perf_counter() - t)
     ts.sort()
-    return ts[len(ts) // 2]
+    return ts[min(len(ts) - 1, len(ts) * PCT // 100)]
 
 
 def rotating(fns):
@@ -83,13 +97,37 @@ def copies_for(nbytes: int, l3: int) -> int:
     return max(2, -(-3 * l3 // nbytes))
 
 
-def numpy_baselines(quick: bool, tokens: list[int]) -> dict:
+def block_size(name: str) -> int:
+    if name in KQUANTS:
+        return 256
+    from qconvert.blocks import by_name
+
+    return by_name(name).block_size
+
+
+def pack(name: str, W, rng):
+    """Packed bytes of type ``name`` for the float32 matrix W (random blocks for K-quants)."""
+    if name in KQUANTS:
+        from qconvert.runtime.kernels.reference_kquants import random_blocks
+
+        return random_blocks(rng, name, W.shape[0], W.shape[1])
+    from qconvert.blocks import by_name
+
+    return by_name(name).quantize(W)
+
+
+def parse_shape(s: str) -> tuple[int, int]:
+    out_f, in_f = s.lower().split("x")
+    return int(out_f), int(in_f)
+
+
+def numpy_baselines(quick: bool, tokens: list[int], shapes) -> dict:
     import numpy as np
 
     rng = np.random.default_rng(0)
     l3 = l3_bytes()
     res = {}
-    for out_f, in_f in SHAPES:
+    for out_f, in_f in shapes:
         W = rng.standard_normal((out_f, in_f)).astype(np.float32)
         x = rng.standard_normal(in_f).astype(np.float32)
         hot = timeit(lambda: W @ x)
@@ -111,20 +149,26 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="no cold runs, T=64 only")
     ap.add_argument("--threads", type=int, default=None, help="threads for numba and BLAS")
     ap.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
+    ap.add_argument("--shapes", nargs="*", type=parse_shape, default=SHAPES, help="OUTxIN, e.g. 576x1536")
+    ap.add_argument("--pct", type=int, default=50, help="percentile of per-call times (50: median)")
     ap.add_argument("--numpy-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global PCT
+    PCT = args.pct
     _set_threads(args.threads)
     tokens = [64] if args.quick else args.tokens
 
     if args.numpy_only:
-        print(json.dumps(numpy_baselines(args.quick, tokens)))
+        print(json.dumps(numpy_baselines(args.quick, tokens, args.shapes)))
         return
 
     cmd = [sys.executable, __file__, "--numpy-only", "--tokens", *map(str, tokens)]
+    cmd += ["--shapes", *(f"{o}x{i}" for o, i in args.shapes)]
     if args.quick:
         cmd.append("--quick")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    cmd += ["--pct", str(args.pct)]
     base = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
     import numpy as np
@@ -132,7 +176,6 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import numba
 
-    from qconvert.blocks import by_name
     from qconvert.runtime import kernels as K
 
     rng = np.random.default_rng(0)
@@ -140,7 +183,7 @@ def main() -> None:
     print(
         f"# {os.cpu_count()} cores, numba {numba.__version__} with {numba.get_num_threads()} threads "
         f"({numba.config.THREADING_LAYER} layer requested), numpy {np.__version__}, L3 {l3 >> 20} MiB; "
-        f"median of per-call times"
+        f"{'median' if PCT == 50 else f'{PCT}th percentile'} of per-call times"
     )
 
     print("\n## matvec (decode): us per call | GB/s of weight bytes | x = numpy float32 us / kernel us")
@@ -148,7 +191,8 @@ def main() -> None:
     if not args.quick:
         head += f" | {'cold us':>8} {'GB/s':>6} {'x':>5}"
     print(head)
-    for out_f, in_f in SHAPES:
+    hot_us = {}
+    for out_f, in_f in args.shapes:
         W = rng.standard_normal((out_f, in_f)).astype(np.float32)
         x = rng.standard_normal(in_f).astype(np.float32)
         hot_np, cold_np = base[f"mv/{out_f}x{in_f}"]
@@ -158,8 +202,11 @@ def main() -> None:
             line += f" | {cold_np * 1e6:8.1f} {W.nbytes / cold_np / 1e9:6.1f} {'':>5}"
         print(line, flush=True)
         for name in args.types:
-            raw = by_name(name).quantize(W)
+            if in_f % block_size(name):
+                continue
+            raw = pack(name, W, rng)
             hot = timeit(lambda: K.linear(raw, name, x))
+            hot_us[(name, shape)] = hot * 1e6
             line = f"{name:6} {shape:>10} {raw.nbytes / 2**20:7.2f} | {hot * 1e6:8.1f} {raw.nbytes / hot / 1e9:6.1f} {hot_np / hot:5.2f}"
             if cold_np is not None:
                 cs = [raw] + [raw.copy() for _ in range(copies_for(raw.nbytes, l3) - 1)]
@@ -168,18 +215,28 @@ def main() -> None:
                 line += f" | {cold * 1e6:8.1f} {raw.nbytes / cold / 1e9:6.1f} {cold_np / cold:5.2f}"
             print(line, flush=True)
 
+    pairs = [(a, b) for a, b in (("Q4_K", "Q4_0"), ("Q5_K", "Q5_0"), ("Q6_K", "Q8_0"), ("I4G128", "Q4_0"), ("I3G128", "Q4_0")) if a in args.types and b in args.types]
+    if pairs:
+        print("\n## K-quant / group-wise vs legacy matvec on the same shape (hot): us per call, ratio new / legacy")
+        for a, b in pairs:
+            for out_f, in_f in args.shapes:
+                shape = f"{out_f}x{in_f}"
+                if (a, shape) in hot_us and (b, shape) in hot_us:
+                    ta, tb = hot_us[(a, shape)], hot_us[(b, shape)]
+                    print(f"{a} {ta:8.1f} us vs {b} {tb:8.1f} us on {shape:>10}: {ta / tb:5.2f}x")
+
     print("\n## matmul (prefill): us per call | GFLOP/s | x = numpy float32 us / kernel us")
     print(f"{'type':6} {'out x in':>10} {'T':>4} | {'us':>9} {'GFLOP/s':>7} {'x':>5}")
-    for out_f, in_f in SHAPES:
+    for out_f, in_f in args.shapes:
         W = rng.standard_normal((out_f, in_f)).astype(np.float32)
         shape = f"{out_f}x{in_f}"
-        raws = {name: by_name(name).quantize(W) for name in args.types}
+        raws = {name: pack(name, W, rng) for name in args.types if in_f % block_size(name) == 0}
         for T in tokens:
             X = rng.standard_normal((T, in_f)).astype(np.float32)
             flop = 2.0 * T * out_f * in_f
             ref = base[f"mm/{out_f}x{in_f}/{T}"]
             print(f"{'numpy':6} {shape:>10} {T:4d} | {ref * 1e6:9.1f} {flop / ref / 1e9:7.1f} {'':>5}", flush=True)
-            for name in args.types:
+            for name in raws:
                 t = timeit(lambda: K.linear(raws[name], name, X), min_time=0.5)
                 print(f"{name:6} {shape:>10} {T:4d} | {t * 1e6:9.1f} {flop / t / 1e9:7.1f} {ref / t:5.2f}", flush=True)
 

@@ -63,6 +63,16 @@ def _handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    import numba
+
+    if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+        raise QConvertError(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS}")
+    numba.set_num_threads(threads)
+
+
 def _human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -74,18 +84,28 @@ def _human_bytes(n: int) -> str:
 @app.command()
 @_handle_errors
 def quantize(
-    source: str = typer.Argument(..., help="HF folder, hub id (owner/name) or .gguf file."),
+    source: str = typer.Argument(..., help="HF folder, hub id (owner/name), .gguf or .onnx file."),
     output: Path = typer.Option(..., "-o", "--output", help="Container file to write."),
-    method: str = typer.Option("rtn", "--method", "-m", help="rtn (with --bits/--asym); a llama.cpp K-quant mix: q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k; or f32/f16/bf16 (unquantized reference)."),
-    bits: int = typer.Option(8, "--bits", "-b", help="Bits per weight: 4, 5 or 8."),
-    group: int = typer.Option(32, "--group", "-g", help="Weights per scale (GGML blocks: 32)."),
+    method: str = typer.Option("rtn", "--method", "-m", help="rtn (--bits/--group/--asym); gptq or awq (--calib); nf4 (bitsandbytes NF4, 64-weight blocks); w8a8 (int8 weights and activations: --calib, --observer, --smooth, --act-mode); a llama.cpp K-quant mix: q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k; or f32/f16/bf16 (unquantized reference)."),
+    bits: Optional[int] = typer.Option(None, "--bits", "-b", help="Bits per weight: rtn 4/5/8 (or 2/3 with --group), gptq/awq 2/3/4/8 (default: rtn 8, gptq/awq 4)."),
+    group: Optional[int] = typer.Option(None, "--group", "-g", help="Weights per scale: 32 (GGML blocks), or 64/128 (group-wise I{bits}G{group}; gptq/awq use 128 by default)."),
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (Q4_0/Q5_0/Q8_0) or with a min (Q4_1/Q5_1)."),
     keep: Optional[str] = typer.Option(None, "--keep", help="Regex of tensor names to leave unquantized, e.g. 'lm_head|embed'."),
     tensor_type: List[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE per-tensor override, e.g. 'down_proj=q8_0' (repeatable)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix from `qconvert imatrix` (weights the K-quant and Q4/Q5 searches)."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text: compute an importance matrix from it first."),
-    calib_chunks: Optional[int] = typer.Option(None, "--calib-chunks", help="Use only this many 512-token windows of --calib."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text: compute an importance matrix from it first. For an .onnx model: a folder of .npy/.npz model inputs (static activation ranges, --observer)."),
+    calib_chunks: Optional[int] = typer.Option(None, "--calib-chunks", help="Use only this many 512-token windows of --calib (imatrix)."),
+    calib_samples: int = typer.Option(32, "--calib-samples", help="GPTQ/AWQ/W8A8: calibration windows sampled from --calib (default: built-in text)."),
+    calib_seqlen: int = typer.Option(512, "--calib-seqlen", help="GPTQ/AWQ/W8A8: tokens per calibration window."),
+    seed: int = typer.Option(0, "--seed", help="GPTQ/AWQ/W8A8: seed of the calibration sampling."),
+    damp: float = typer.Option(0.01, "--damp", help="GPTQ: dampening, as a fraction of the mean Hessian diagonal."),
+    act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by descending Hessian diagonal."),
+    static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: fit group parameters before the updates (with --act-order)."),
+    double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="NF4: quantize the block absmax values again (bitsandbytes' compress_statistics)."),
+    observer: str = typer.Option("minmax", "--observer", help="w8a8 static activation ranges: minmax, percentile, entropy or mse."),
+    smooth: Optional[float] = typer.Option(None, "--smooth", help="w8a8: SmoothQuant migration strength alpha in [0, 1] (e.g. 0.5); llama-family models."),
+    act_mode: str = typer.Option("static", "--act-mode", help="w8a8 activations: static (one calibrated scale per tensor) or dynamic (per token at run time)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -113,19 +133,21 @@ def quantize(
         result = run_quantize(
             source, output, method=method, bits=bits, group=group, sym=sym, keep=keep,
             tensor_types=tensor_type, revision=revision, imatrix=imatrix, calib=calib, calib_chunks=calib_chunks,
-            progress=progress,
+            calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, damp=damp, act_order=act_order,
+            static_groups=static_groups, double_quant=double_quant, progress=progress, observer=observer, smooth=smooth, act_mode=act_mode,
+            calib_progress=lambda i, n: bar.update(task, description="calibrating", completed=i, total=n),
         )
     types: dict[str, int] = {}
     for p in result.plans:
         types[p.type_name] = types.get(p.type_name, 0) + 1
     size = result.output.stat().st_size
-    notes = sorted({p.reason for p in result.plans if p.reason.startswith("fallback")})
+    notes = sorted({f"{p.reason} -> {p.type_name}" for p in result.plans if p.reason.startswith("fallback")})
     if as_json:
         print(json.dumps({"output": str(result.output), "file_bytes": size, "seconds": round(result.seconds, 3),
                           "tensors": len(result.plans), "types": types, "notes": notes}, indent=2))
         return
     for note in notes:
-        err.print(f"note: {note} (stored as F16)", highlight=False)
+        err.print(f"note: {note}", highlight=False)
     type_text = ", ".join(f"{n}x {t}" for t, n in sorted(types.items()))
     out.print(f"wrote {result.output} ({_human_bytes(size)}, {len(result.plans)} tensors: {type_text}) in {result.seconds:.1f} s", highlight=False)
 
@@ -146,6 +168,10 @@ def inspect(
 
     with open_container(path) as c:
         info = summarize(c, verify=verify)
+        if c.architecture == "onnx":
+            from .onnx import onnx_summary
+
+            info["onnx"] = onnx_summary(c)
     if as_json:
         print(json.dumps(info, indent=2))
     else:
@@ -185,8 +211,26 @@ def _print_summary(info: dict) -> None:
         + ", ".join(f"{n}x {t}" for t, n in tot["types"].items()),
         highlight=False,
     )
+    if "onnx" in info:
+        _print_onnx(info["onnx"])
     if "corrupt_tensors" in info:
         out.print("checksums: " + ("all tensors OK" if not info["corrupt_tensors"] else f"{len(info['corrupt_tensors'])} corrupt"))
+
+
+def _print_onnx(o: dict) -> None:
+    out.print(f"ONNX graph: {o['nodes']} nodes: " + ", ".join(f"{n}x {op}" for op, n in o["ops"].items()), highlight=False)
+    out.print("inputs: " + "; ".join(o["inputs"]) + "  outputs: " + "; ".join(o["outputs"]), highlight=False)
+    acts = o["activations"]
+    out.print(f"weights: {o['quantized_weights']} of {len(o['weights'])} quantized; activations: "
+              + (f"{acts['tensors']} tensors, {acts['dtype']} static ({acts['observer']})" if acts else "float (weight-only)"),
+              highlight=False)
+    table = Table(show_header=True, header_style="bold", box=None)
+    for col in ("weight", "op", "onnx shape", "layout", "from", "scheme"):
+        table.add_column(col)
+    for w in o["weights"]:
+        table.add_row(w["name"], "/".join(w["ops"]), "x".join(map(str, w["shape"])), w["layout"], w["origin"],
+                      w["scheme"] + ("" if w["quantized"] else " (float)"))
+    out.print(table)
 
 
 @app.command()
@@ -202,6 +246,10 @@ def run(
     seed: int = typer.Option(0, "--seed", help="Random seed for sampling (same seed, same text)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of streaming it."),
+    inputs: List[str] = typer.Option([], "--input", "-i", help="ONNX models: input FILE.npy, NAME=FILE.npy (repeatable) or FILE.npz."),
+    output_file: Optional[Path] = typer.Option(None, "--output", "-o", help="ONNX models: write the output(s) to FILE.npy (.npz for several)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="ONNX models: onnxruntime or reference (default: onnxruntime when installed)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-j", help="CPU threads for the kernels (default: all cores; 1 is steadier on a busy machine)."),
 ) -> None:
     """Generate text with a container's model on the CPU (or embed text with an encoder).
 
@@ -212,7 +260,10 @@ def run(
     from .runtime.models import load_model
     from .runtime.tokenizer import Tokenizer
 
+    _set_threads(threads)
     with open_container(path) as c:
+        if c.architecture == "onnx":
+            return _run_onnx(c, inputs, output_file, engine, as_json)
         model = load_model(c)
         tok = Tokenizer.from_container(c)
         if c.architecture == "bert":
@@ -297,7 +348,7 @@ def imatrix(
 @_handle_errors
 def export(
     path: Path = typer.Argument(..., help="Container file."),
-    to: str = typer.Option(..., "--to", help="Target format: gguf."),
+    to: str = typer.Option(..., "--to", help="Target format: gguf, or onnx (a QDQ model; ONNX containers)."),
     output: Path = typer.Option(..., "-o", "--output", help="File to write."),
     allow_requant: bool = typer.Option(False, "--allow-requant", help="Convert tensors whose type the target lacks (to Q8_0) instead of refusing."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
@@ -308,8 +359,10 @@ def export(
     """
     from .container import open_container
 
+    if to.lower() == "onnx":
+        return _export_onnx(path, output, as_json)
     if to.lower() != "gguf":
-        raise QConvertError(f"unknown export format {to!r}; available: gguf")
+        raise QConvertError(f"unknown export format {to!r}; available: gguf, onnx")
     from .export.gguf import export_gguf
 
     with open_container(path) as c:
@@ -319,6 +372,59 @@ def export(
     else:
         types = ", ".join(f"{n}x {t}" for t, n in sorted(summary["types"].items()))
         out.print(f"wrote {output} (GGUF v3, {_human_bytes(summary['file_bytes'])}, {summary['tensors']} tensors: {types})", highlight=False)
+
+
+def _run_onnx(c: Any, inputs: List[str], output_file: Optional[Path], engine: Optional[str], as_json: bool) -> None:
+    """``run`` for ONNX containers: the stored graph on --input arrays (see qconvert/onnx/runner.py)."""
+    import numpy as np
+
+    from .onnx.calibrate import parse_run_inputs
+    from .onnx.model import input_specs, stored_graph
+    from .onnx.runner import Runner
+
+    feeds = parse_run_inputs(inputs, input_specs(stored_graph(c)))
+    runner = Runner(c, engine)
+    try:
+        outputs = runner.run(feeds)
+    finally:
+        runner.close()
+    if output_file is not None:
+        if output_file.suffix.lower() == ".npz":
+            np.savez(output_file, **outputs)
+        elif len(outputs) == 1:
+            np.save(output_file, next(iter(outputs.values())))
+        else:
+            raise QConvertError(f"the model has {len(outputs)} outputs ({', '.join(outputs)}); give --output FILE.npz")
+    summary = {name: {"shape": list(v.shape), "dtype": str(v.dtype),
+                      **({"min": float(v.min()), "max": float(v.max()), "mean": float(v.mean())}
+                         if v.size and v.dtype.kind == "f" else {})} for name, v in outputs.items()}
+    if as_json:
+        print(json.dumps({"engine": runner.engine, "engine_version": runner.engine_label, "mode": runner.mode,
+                          "output_file": None if output_file is None else str(output_file), "outputs": summary}, indent=2))
+        return
+    err.print(f"ran with {runner.engine_label}: {runner.mode}", highlight=False)
+    for name, s in summary.items():
+        stats = f"  min {s['min']:.6g} max {s['max']:.6g} mean {s['mean']:.6g}" if "min" in s else ""
+        out.print(f"{name}: {s['dtype']} {s['shape']}{stats}", highlight=False)
+    if output_file is not None:
+        out.print(f"wrote {output_file}", highlight=False)
+
+
+def _export_onnx(path: Path, output: Path, as_json: bool) -> None:
+    from .container import open_container
+    from .onnx import export_qdq, is_onnx_container
+
+    with open_container(path) as c:
+        if not is_onnx_container(c):
+            raise QConvertError(f"--to onnx exports containers made from ONNX models; {path} holds a {c.architecture} model")
+        summary = export_qdq(c, output)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    w = summary["weights"]
+    out.print(f"wrote {output} (QDQ ONNX, opset {summary['opset']}, {_human_bytes(summary['file_bytes'])}: weights"
+              f" {w['per_channel']} per-channel int8, {w['blocked']} block-wise, {w['nbits']} MatMulNBits, {w['float']} float;"
+              f" {summary['activations']} activation Q/DQ pairs)", highlight=False)
 
 
 def _open_reference(spec: str, stack: Any) -> Any:
@@ -353,6 +459,7 @@ def eval_cmd(
     max_ppl_ratio: Optional[float] = typer.Option(None, "--max-ppl-ratio", help="Fail (exit 3) if PPL / reference PPL exceeds this."),
     max_kld: Optional[float] = typer.Option(None, "--max-kld", help="Fail (exit 3) if the mean KL divergence exceeds this."),
     max_ppl: Optional[float] = typer.Option(None, "--max-ppl", help="Fail (exit 3) if the perplexity exceeds this."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-j", help="CPU threads for the kernels (default: all cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Perplexity (llama.cpp's protocol), and KL divergence against a reference.
@@ -367,6 +474,7 @@ def eval_cmd(
     from .runtime.models import load_model
     from .runtime.tokenizer import Tokenizer
 
+    _set_threads(threads)
     if (max_ppl_ratio is not None or max_kld is not None) and reference is None:
         raise QConvertError("--max-ppl-ratio and --max-kld need --reference")
     with contextlib.ExitStack() as stack:

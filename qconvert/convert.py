@@ -17,7 +17,7 @@ from . import __version__
 from .blocks import by_name
 from .container import ContainerWriter, TensorSpec
 from .errors import QConvertError
-from .methods.mixes import K_MIXES, MIXES, Mix
+from .methods.mixes import K_MIXES, MIXES, Mix, groupwise_mix
 from .methods.rtn import rtn_mix
 from .plan import TensorPlan, plan_tensors
 from .sources import Source, open_source
@@ -25,7 +25,11 @@ from .sources import Source, open_source
 # f32/f16/bf16 store every matrix in a float type: the unquantized reference that eval
 # compares against (a quantized source such as a Q4_1 GGUF is dequantized into it).
 FLOAT_METHODS = ("f32", "f16", "bf16")
-METHODS = ("rtn", *FLOAT_METHODS, *K_MIXES)
+CALIBRATED_METHODS = ("gptq", "awq")
+# w8a8: int8 weights per channel x int8 activations (static/dynamic), optional SmoothQuant
+# bitsandbytes' NF4: 64-weight blocks, absmax double-quantized (default) or kept as f32
+NF4_MIXES = {True: Mix("nf4", "NF4_DQ", 1024), False: Mix("nf4-nodq", "NF4", 1024)}
+METHODS = ("rtn", *CALIBRATED_METHODS, "nf4", *FLOAT_METHODS, *K_MIXES, "w8a8")
 
 # Called after each tensor: (index, total, plan).
 Progress = Callable[[int, int, TensorPlan], None]
@@ -55,12 +59,31 @@ def build_recipe(method: str, mix: Mix, bits: int | None, group: int | None, sym
     }
 
 
-def resolve_method(method: str, bits: int, group: int, sym: bool) -> tuple[Mix, int | None, int | None, bool | None]:
+def resolve_method(method: str, bits: int, group: int, sym: bool,
+                   double_quant: bool = True) -> tuple[Mix, int | None, int | None, bool | None]:
     """The mix a method means, and the bits/group/sym that describe it in the recipe."""
     if method == "rtn":
-        return rtn_mix(bits, group, sym), bits, group, sym
+        if group == 32 and bits in (4, 5, 8):
+            return rtn_mix(bits, group, sym), bits, group, sym
+        from .methods.calibrated import check_bits, group_for
+
+        check_bits(bits)
+        group_for(group, group)  # validates the group size
+        return groupwise_mix(bits, group), bits, group, sym
+    if method in CALIBRATED_METHODS:
+        from .methods.calibrated import check_bits, group_for
+
+        check_bits(bits)
+        group_for(group, group)
+        return groupwise_mix(bits, group), bits, group, sym if method == "gptq" else False
     if method in FLOAT_METHODS or method in K_MIXES:
         return MIXES[method], None, None, None
+    if method == "nf4":
+        return NF4_MIXES[double_quant], 4, 64, None
+    if method == "w8a8":  # matrices the method does not take (embedding, output) get Q8_0
+        if bits not in (None, 8):
+            raise QConvertError(f"w8a8 stores 8-bit weights; --bits {bits} is not supported")
+        return MIXES["q8_0"], 8, None, True
     raise QConvertError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
 
 
@@ -84,22 +107,54 @@ def container_metadata(source: Source, recipe: dict, plans: list[TensorPlan]) ->
     return meta
 
 
-def _encode(plan: TensorPlan, tensor, importance: np.ndarray | None = None) -> np.ndarray:
-    if plan.copies_source:
-        return tensor.load_raw()
-    values = tensor.load()
+def _encode(plan: TensorPlan, tensor, importance: np.ndarray | None = None, values: np.ndarray | None = None,
+            sym: bool | None = True) -> tuple[np.ndarray, dict]:
+    """(raw bytes, params) of one tensor in its planned type."""
+    if plan.copies_source and values is None:
+        return tensor.load_raw(), {}
+    if values is None:
+        values = tensor.load()
     if not np.isfinite(values).all():
         bad = int(np.size(values) - np.isfinite(values).sum())
         raise QConvertError(f"tensor {plan.name} has {bad} NaN or infinite values; refusing to quantize it")
-    return by_name(plan.type_name).quantize(values.reshape(-1, plan.shape[-1]), importance)
+    rows = values.reshape(-1, plan.shape[-1])
+    from .blocks.groupwise import parse_type
+
+    groupwise = parse_type(plan.type_name)
+    if groupwise is not None:  # group-wise RTN: symmetric or with zero points, per the recipe
+        from .methods.calibrated import rtn_encode
+
+        bits, group = groupwise
+        return rtn_encode(rows, bits, group, bool(sym)).raw, {}
+    return by_name(plan.type_name).quantize_with_params(rows, importance)
+
+
+def _params_reserve(plan: TensorPlan) -> int:
+    """Header bytes to keep for params known only after quantizing (NF4_DQ's double-quant state)."""
+    bt = by_name(plan.type_name)
+    if bt.params_max_len is None or plan.copies_source:
+        return 0
+    return bt.params_max_len(plan.shape)
+
+
+def _calibrated_plan(plan: TensorPlan, encoded: dict, floats: dict) -> TensorPlan:
+    """A matrix GPTQ/AWQ quantized takes the encoding's type; a folded norm is stored as F32."""
+    from dataclasses import replace
+
+    if plan.name in encoded:
+        return replace(plan, type_name=encoded[plan.name].type_name, reason="calibrated")
+    if plan.name in floats:
+        float_type = plan.type_name if by_name(plan.type_name).is_float else "F32"
+        return replace(plan, type_name=float_type, reason="scales folded in")
+    return plan
 
 
 def quantize(
     source: str | Path,
     output: str | Path,
     method: str = "rtn",
-    bits: int = 8,
-    group: int = 32,
+    bits: int | None = None,
+    group: int | None = None,
     sym: bool = True,
     keep: str | None = None,
     tensor_types: list[str] | tuple[str, ...] = (),
@@ -107,13 +162,33 @@ def quantize(
     imatrix: str | Path | None = None,
     calib: str | Path | None = None,
     calib_chunks: int | None = None,
+    calib_samples: int = 32,
+    calib_seqlen: int = 512,
+    seed: int = 0,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    double_quant: bool = True,
     progress: Progress | None = None,
+    calib_progress: Callable[[int, int], None] | None = None,
+    observer: str = "minmax",
+    smooth: float | None = None,
+    act_mode: str = "static",
 ) -> ConvertResult:
     """Quantize a checkpoint (HF folder or hub id, or .gguf) into a qconvert container.
 
     >>> qconvert.quantize("../shared/models/stories260K", "s.q8", method="rtn", bits=8)  # doctest: +SKIP
     """
-    mix, r_bits, r_group, r_sym = resolve_method(method, bits, group, sym)
+    if str(source).lower().endswith(".onnx"):  # ONNX graphs have their own pipeline: qconvert/onnx/
+        from .onnx.convert import quantize_onnx
+
+        return quantize_onnx(source, output, method=method, bits=bits, group=group, sym=sym, keep=keep,
+                             tensor_types=list(tensor_types), calib=calib, observer=observer, imatrix=imatrix,
+                             smooth=smooth, act_mode=act_mode, progress=progress, calib_progress=calib_progress)
+    calibrated = method in CALIBRATED_METHODS
+    bits = bits if bits is not None else (4 if calibrated else 8)
+    group = group if group is not None else (128 if calibrated else 32)
+    mix, r_bits, r_group, r_sym = resolve_method(method, bits, group, sym, double_quant)
     importance: dict[str, np.ndarray] = {}
     imatrix_info = None
     if imatrix is not None and calib is not None:
@@ -122,7 +197,7 @@ def quantize(
         from .imatrix import load_imatrix
 
         importance, imatrix_info = load_imatrix(imatrix)
-    elif calib is not None:
+    elif calib is not None and not calibrated and method != "w8a8":
         from .imatrix import imatrix_for_source
 
         importance, imatrix_info = imatrix_for_source(source, calib, chunks=calib_chunks, revision=revision)
@@ -135,12 +210,42 @@ def quantize(
         plans = plan_tensors(
             src.tensors, src.config, mix, keep=keep, tensor_types=list(tensor_types), has_imatrix=bool(importance)
         )
+        encoded, floats = {}, {}
+        if calibrated:
+            from .methods.calibrated import run_calibrated
+
+            encoded, floats, info = run_calibrated(
+                src, method, bits, group, sym, calib, calib_samples, calib_seqlen, seed, damp=damp,
+                act_order=act_order, static_groups=static_groups, progress=calib_progress,
+            )
+            recipe.update(info)
+            recipe["seed"] = seed
+            plans = [_calibrated_plan(p, encoded, floats) for p in plans]
+        elif method == "w8a8":
+            from .methods.w8a8 import run_w8a8
+
+            # the method takes the matrices the plan left to the mix (not --keep/--tensor-type/output)
+            targets = {p.name for p in plans if p.reason not in ("--keep", "--tensor-type", "output", "float-only")}
+            encoded, floats, info = run_w8a8(
+                source, src, targets, calib, calib_samples, calib_seqlen, seed, observer=observer, smooth=smooth,
+                act_mode=act_mode, revision=revision, progress=calib_progress,
+            )
+            recipe.update(info)
+            recipe["seed"] = seed if info["calibration"] is not None else None
+            plans = [_calibrated_plan(p, encoded, floats) for p in plans]
         metadata = container_metadata(src, recipe, plans)
-        specs = [TensorSpec(p.name, p.shape, p.type_name) for p in plans]
+        specs = [TensorSpec(p.name, p.shape, p.type_name, encoded[p.name].params if p.name in encoded else {},
+                            extra_reserve=_params_reserve(p)) for p in plans]
         by_tensor = {t.name: t for t in src.tensors}
         with ContainerWriter(output, metadata, specs) as writer:
             for i, plan in enumerate(plans):
-                writer.write(plan.name, _encode(plan, by_tensor[plan.name], importance.get(plan.name)))
+                params: dict = {}
+                if plan.name in encoded:
+                    raw = encoded.pop(plan.name).raw
+                else:
+                    raw, params = _encode(plan, by_tensor[plan.name], importance.get(plan.name),
+                                          floats.get(plan.name), r_sym)
+                writer.write(plan.name, raw, extra=params or None)
                 if progress is not None:
                     progress(i + 1, len(plans), plan)
         provenance = metadata["source"]

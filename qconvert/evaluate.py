@@ -72,9 +72,18 @@ def _scored(model, window: np.ndarray) -> np.ndarray:
     return log_softmax(logits[first : ctx - 1])
 
 
+def reference_logprobs(reference, tokens: list[int], ctx: int = 512, chunks: int | None = None,
+                       bos_id: int | None = None) -> list[np.ndarray]:
+    """The reference's log-probabilities on every window, computed once to compare many models."""
+    return [_scored(reference, w).astype(np.float32) for w in make_windows(tokens, ctx, chunks, bos_id)]
+
+
 def evaluate(model, tokens: list[int], ctx: int = 512, chunks: int | None = None, bos_id: int | None = None,
-             reference=None, progress=None) -> EvalResult:
+             reference=None, progress=None, reference_logp: list[np.ndarray] | None = None) -> EvalResult:
+    """``reference`` (a model) or ``reference_logp`` (from :func:`reference_logprobs`) adds KLD."""
     windows = make_windows(tokens, ctx, chunks, bos_id)
+    if reference_logp is not None and len(reference_logp) != len(windows):
+        raise ValueError("reference_logp does not cover the same windows")
     first = ctx // 2
     nll_sum, count = 0.0, 0
     ref_nll_sum = 0.0
@@ -91,8 +100,8 @@ def evaluate(model, tokens: list[int], ctx: int = 512, chunks: int | None = None
         nll_sum += float(nll.sum())
         count += len(targets)
         per_chunk.append(float(np.exp(nll.mean())))
-        if reference is not None:
-            ref_logp = _scored(reference, w)
+        if reference is not None or reference_logp is not None:
+            ref_logp = reference_logp[i].astype(np.float64) if reference_logp is not None else _scored(reference, w)
             ref_nll_sum += float(-ref_logp[idx, targets].sum())
             p_ref = np.exp(ref_logp)
             kld.append(np.sum(p_ref * (ref_logp - logp), axis=-1))
@@ -103,7 +112,7 @@ def evaluate(model, tokens: list[int], ctx: int = 512, chunks: int | None = None
     seconds = time.perf_counter() - t0
     result = EvalResult(ctx, len(windows), count, float(np.exp(nll_sum / count)), nll_sum / count, seconds,
                         per_chunk_ppl=per_chunk)
-    if reference is not None:
+    if kld:
         k = np.concatenate(kld)
         ref_ppl = float(np.exp(ref_nll_sum / count))
         result.reference = {

@@ -21,6 +21,11 @@ _CONFIG_KEYS = (
 )
 
 
+def _abbreviate(params: dict) -> dict:
+    """Long lists (absmax tables, permutations) shown by their length, not their values."""
+    return {k: (f"<{len(v)} values>" if isinstance(v, list) and len(v) > 8 else v) for k, v in params.items()}
+
+
 def summarize(c: Container, verify: bool = False) -> dict[str, Any]:
     tensors = []
     n_params = n_bytes = 0
@@ -31,18 +36,26 @@ def summarize(c: Container, verify: bool = False) -> dict[str, Any]:
         except Exception:  # a block type from a newer version: still listed
             type_name = f"unknown({info.type_id})"
         n = info.n_elements
+        # side data in the tensor's params (NF4_DQ's double-quant state) counts as the tensor's bits
+        side_bits = 0
+        try:
+            bt = info.block_type
+            if bt.params_bits is not None and info.extra:
+                side_bits = bt.params_bits(info.extra)
+        except Exception:
+            pass
         tensors.append(
             {
                 "name": info.name,
                 "shape": list(info.shape),
                 "type": type_name,
                 "bytes": info.nbytes,
-                "bits_per_weight": round(8 * info.nbytes / n, 4) if n else 0.0,
-                **({"params": info.extra} if info.extra else {}),
+                "bits_per_weight": round((8 * info.nbytes + side_bits) / n, 4) if n else 0.0,
+                **({"params": _abbreviate(info.extra)} if info.extra else {}),
             }
         )
         n_params += n
-        n_bytes += info.nbytes
+        n_bytes += info.nbytes + side_bits / 8
         types[type_name] = types.get(type_name, 0) + 1
     source = c.source
     source_bytes = source.get("tensor_bytes")
@@ -63,10 +76,11 @@ def summarize(c: Container, verify: bool = False) -> dict[str, Any]:
         "totals": {
             "tensors": len(tensors),
             "parameters": n_params,
-            "tensor_bytes": n_bytes,
+            "tensor_bytes": int(round(n_bytes)),
             "bits_per_weight": round(8 * n_bytes / n_params, 4) if n_params else 0.0,
             "source_tensor_bytes": source_bytes,
             "compression_ratio": round(source_bytes / n_bytes, 4) if source_bytes and n_bytes else None,
+            # tensor bytes include params side data (NF4_DQ's double-quant state)
             "types": dict(sorted(types.items())),
         },
     }

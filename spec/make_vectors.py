@@ -52,11 +52,35 @@ BLOCK_MIXED = [
 FLOAT_VALUES = [0.1, -1.0 / 3.0, 1.00048828125, 1.00390625, 1.01171875, 65504.0, -2.5e-05, 1e-08]
 
 
+def _k_quant_rows() -> list[list[float]]:
+    """Two 256-element super-blocks for the K-quants (exact float32 values): 32-element pieces
+    with very different ranges, so the sub-block scales differ, plus the corner cases of the
+    searches: an all-zero piece, a constant piece, all-positive and all-negative pieces, a
+    tiny-magnitude piece and reversed / half-zero pieces."""
+    g, m = BLOCK_GAUSSIAN, BLOCK_MIXED
+    row0 = g + m + [-0.5 * v for v in g] + [0.25 * v for v in m] + [v / 1024 for v in g] + [0.0] * 32
+    row0 += [abs(v) + 1 for v in g] + [-abs(v) for v in m]
+    row1 = [0.75] * 32 + [8 * v for v in m] + [-v for v in g] + [0.0] * 16 + g[:16] + m[::-1]
+    row1 += [abs(v) for v in g] + [0.125 * v for v in m] + g[::-1]
+    return [row0, row1]
+
+
 def vector_input(bt: BlockType) -> np.ndarray:
+    if bt.block_size == 256 and bt.name.endswith("_K"):  # K-quants (Q2_K ... Q8_K)
+        return np.array(_k_quant_rows(), dtype=np.float32)
+    if bt.name == "W8A8":  # int8 rows with a scale per row (params): the two 32-value blocks as rows
+        return np.array([BLOCK_GAUSSIAN, BLOCK_MIXED], dtype=np.float32)
     if bt.block_size == 1:
         return np.array(FLOAT_VALUES, dtype=np.float32)
     if bt.block_size == 32:
         return np.array([BLOCK_GAUSSIAN, BLOCK_MIXED], dtype=np.float32)
+    if bt.block_size % 32 == 0:
+        # wider blocks (64, 128, ...): two rows of one block each, cycling through the two
+        # 32-element blocks and exactly scaled copies of them (row 1 starts one piece later)
+        pieces = [BLOCK_GAUSSIAN, BLOCK_MIXED, [-0.5 * v for v in BLOCK_GAUSSIAN], [0.25 * v for v in BLOCK_MIXED]]
+        k = bt.block_size // 32
+        rows = [[v for i in range(k) for v in pieces[(i + r) % 4]] for r in range(2)]
+        return np.array(rows, dtype=np.float32)
     raise NotImplementedError(f"no spec vector input defined for block size {bt.block_size} ({bt.name})")
 
 
@@ -70,9 +94,9 @@ def exact_floats(values: np.ndarray) -> list[float]:
 
 def make_vector(bt: BlockType) -> dict:
     x = vector_input(bt)
-    raw = bt.quantize(x)
-    deq = bt.dequantize(raw, x.shape)
-    return {
+    raw, params = bt.quantize_with_params(x)
+    deq = bt.dequantize(raw, x.shape, params)
+    vector = {
         "type": bt.name,
         "id": bt.id,
         "block_size": bt.block_size,
@@ -82,12 +106,15 @@ def make_vector(bt: BlockType) -> dict:
         "bytes_hex": raw.tobytes().hex(),
         "dequantized": exact_floats(deq),
     }
+    if params:  # types whose tensors carry params (FORMAT.md §4): the tensor entry's params
+        vector["params"] = params
+    return vector
 
 
 def main() -> None:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     for bt in all_types():
-        if bt.quantize_blocks is None:
+        if bt.quantize_blocks is None and bt.quantize_tensor is None:
             continue  # read-only types get hand-made vectors
         path = OUT_DIR / f"{bt.name}.json"
         vector = make_vector(bt)

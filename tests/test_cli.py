@@ -140,7 +140,7 @@ def test_gguf_with_bad_type_id(tmp_path):
 
 def test_wrong_option_is_one_line(tmp_path):
     folder = make_hf_folder(tmp_path / "tiny")
-    assert_one_line_error(qconvert("quantize", folder, "--bits", "3", "-o", tmp_path / "m.q"), "supports --bits 4, 5 or 8")
+    assert_one_line_error(qconvert("quantize", folder, "--bits", "6", "-o", tmp_path / "m.q"), "supports --bits 2, 3, 4, 8, not 6")
 
 
 def test_missing_file(tmp_path):

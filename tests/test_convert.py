@@ -127,9 +127,9 @@ def test_nan_weights_are_refused_and_nothing_is_written(tmp_path):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"bits": 3}, "supports --bits 4, 5 or 8"),
+        ({"bits": 6}, "supports --bits 2, 3, 4, 8, not 6"),
         ({"bits": 8, "sym": False}, "symmetric only"),
-        ({"group": 64}, "--group 64 is not supported"),
+        ({"group": 48}, "--group must be one of 128, 64, 32"),
         ({"method": "magic"}, "unknown method 'magic'"),
         ({"tensor_types": ["down_proj"]}, "REGEX=TYPE"),
         ({"tensor_types": ["down_proj=q9_9"]}, "unknown block type 'q9_9'"),

@@ -76,10 +76,12 @@ def test_every_block_type_has_kernels():
     from qconvert.blocks import all_types
 
     for bt in all_types():
+        if bt.name == "Q8_K":
+            continue  # GGML's activation-side type: readable, never a weight qconvert writes
         assert K.has_kernel(bt.name), bt.name
         k = K.get_kernel(bt.name)
         assert (k.block_size, k.type_size) == (bt.block_size, bt.type_size)
-    assert K.has_kernel("q4_0") and not K.has_kernel("Q4_K")
+    assert K.has_kernel("q4_0") and not K.has_kernel("Q9_9")
     with pytest.raises(QConvertError, match="no kernel"):
         K.linear(np.zeros((1, 18), np.uint8), "Q9_9", np.zeros(32, np.float32))
 

@@ -37,10 +37,14 @@ def test_vector(path: Path):
 
     expected = bytes.fromhex(vec["bytes_hex"])
     assert len(expected) == bt.nbytes(shape)
+    params = vec.get("params")  # types whose tensors carry params (FORMAT.md §4)
     if bt.quantize_blocks is not None:
         assert bt.quantize(x).tobytes().hex() == vec["bytes_hex"]
+    elif bt.quantize_tensor is not None:
+        raw, got_params = bt.quantize_with_params(x)
+        assert raw.tobytes().hex() == vec["bytes_hex"] and got_params == params
 
-    deq = bt.dequantize(np.frombuffer(expected, dtype=np.uint8), shape)
+    deq = bt.dequantize(np.frombuffer(expected, dtype=np.uint8), shape, params)
     want = np.array(vec["dequantized"], dtype=np.float64)
     assert np.array_equal(want.astype(np.float32).astype(np.float64), want)
     assert deq.dtype == np.float32

@@ -14,6 +14,14 @@ float32 values x[0..31], all arithmetic in float32:
 f16(.) is IEEE binary16 round-to-nearest-even of the float32; note that q is computed with
 the unrounded float32 d, not with f16(d). Packing: 4-bit q (or the low 4 bits of a 5-bit q):
 byte j of qs = q[j] | q[j+16] << 4. Q5's fifth bits: u32 qh (little-endian), bit i = q[i] >> 4.
+
+With an importance vector (llama.cpp's imatrix, one weight per column) Q4_0, Q4_1, Q5_0 and
+Q5_1 follow llama.cpp's ``quantize_q4_0`` etc. with ``quant_weights``: per row
+sigma2 = sum(x^2)/row_length, per element w = imp * sqrt(sigma2 + x^2); Q4_0/Q5_0 take
+d and q from ``make_qx_quants(32, 8|16, x, w)``, Q4_1/Q5_1 take d, m = -min and q from
+``make_qkx3_quants(32, 15|31, x, w, -0.9, 0.05, 36)`` (the searches are described in
+:mod:`qconvert.blocks.kquants`, which runs them). Without one they are the reference
+quantizers above, byte for byte. Q8_0 ignores the importance vector, as llama.cpp does.
 """
 
 from __future__ import annotations
@@ -227,6 +235,22 @@ def _q5_1_dequantize(blocks: np.ndarray) -> np.ndarray:
     return _chunked_dequant(_q5_1_dequant_kernel, blocks)
 
 
+def _rows_with_importance(type_id: int, quantize_blocks, type_size: int):
+    """quantize_rows for Q4_0/Q4_1/Q5_0/Q5_1: the reference quantizer without importance,
+    llama.cpp's imatrix search with it."""
+
+    def quantize_rows(rows: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        n_rows, n = rows.shape
+        if importance is None:
+            return quantize_blocks(rows.reshape(-1, QK)).reshape(n_rows, n // QK * type_size)
+        from .kquants import quantize_legacy_imatrix
+
+        return quantize_legacy_imatrix(type_id, rows, importance)
+
+    return quantize_rows
+
+
 _NIBBLES = "(element j low nibble, j+16 high nibble)"
 
 Q4_0 = register(
@@ -237,6 +261,7 @@ Q4_0 = register(
         type_size=18,
         quantize_blocks=_q4_0_quantize,
         dequantize_blocks=_q4_0_dequantize,
+        quantize_rows=_rows_with_importance(2, _q4_0_quantize, 18),
         description=f"x = (q - 8) * d; d: f16, 16 bytes of 4-bit q {_NIBBLES}",
     )
 )
@@ -249,6 +274,7 @@ Q4_1 = register(
         type_size=20,
         quantize_blocks=_q4_1_quantize,
         dequantize_blocks=_q4_1_dequantize,
+        quantize_rows=_rows_with_importance(3, _q4_1_quantize, 20),
         description=f"x = q * d + m; d, m: f16, 16 bytes of 4-bit q {_NIBBLES}",
     )
 )
@@ -261,6 +287,7 @@ Q5_0 = register(
         type_size=22,
         quantize_blocks=_q5_0_quantize,
         dequantize_blocks=_q5_0_dequantize,
+        quantize_rows=_rows_with_importance(6, _q5_0_quantize, 22),
         description="x = (q - 16) * d; d: f16, qh: u32 (bit j = bit 4 of q[j]), "
         f"16 bytes of low 4 bits of q {_NIBBLES}",
     )
@@ -274,6 +301,7 @@ Q5_1 = register(
         type_size=24,
         quantize_blocks=_q5_1_quantize,
         dequantize_blocks=_q5_1_dequantize,
+        quantize_rows=_rows_with_importance(7, _q5_1_quantize, 24),
         description="x = q * d + m; d, m: f16, qh: u32 (bit j = bit 4 of q[j]), "
         f"16 bytes of low 4 bits of q {_NIBBLES}",
     )

@@ -22,6 +22,11 @@ QuantizeBlocks = Callable[[np.ndarray], np.ndarray]
 DequantizeBlocks = Callable[[np.ndarray], np.ndarray]
 # (rows, row_length) float32, importance (row_length,) float32 or None -> (rows, row_bytes) uint8
 QuantizeRows = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
+# Types with per-tensor side data (FORMAT.md §4 ``params``), e.g. NF4_DQ:
+# (rows, row_length) float32 -> ((rows, row_bytes) uint8, params dict)
+QuantizeTensor = Callable[[np.ndarray], "tuple[np.ndarray, dict]"]
+# (n_blocks, type_size) uint8 of a whole tensor (row-major block order), params -> (n_blocks, block_size) float32
+DequantizeTensor = Callable[[np.ndarray, dict], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,19 @@ class BlockType:
     # matrix (llama.cpp's imatrix: one non-negative weight per input column). When set, it is
     # used instead of quantize_blocks.
     quantize_rows: QuantizeRows | None = field(default=None, repr=False)
+    # Types whose tensors carry params: the tensor-level codec pair (both set, or neither),
+    # an upper bound on the params' canonical JSON length for a tensor shape (so a writer can
+    # reserve header space before quantizing), and the params' side data in bits (counted
+    # as binary, for bits-per-weight figures).
+    quantize_tensor: QuantizeTensor | None = field(default=None, repr=False)
+    dequantize_tensor: DequantizeTensor | None = field(default=None, repr=False)
+    params_max_len: Callable[[tuple[int, ...]], int] | None = field(default=None, repr=False)
+    params_bits: Callable[[dict], int] | None = field(default=None, repr=False)
+
+    @property
+    def has_params(self) -> bool:
+        """True when this type's tensors need their params to be decoded."""
+        return self.dequantize_tensor is not None
 
     @property
     def bits_per_weight(self) -> float:
@@ -66,6 +84,10 @@ class BlockType:
         values = np.asarray(values, dtype=np.float32)
         shape = values.shape if values.ndim else (1,)
         row_bytes = self.row_bytes(shape[-1])
+        if self.quantize_tensor is not None:
+            raise QConvertError(
+                f"{self.name} tensors carry params (FORMAT.md §4): quantize them with quantize_with_params()"
+            )
         if self.quantize_rows is not None:
             rows = np.ascontiguousarray(values).reshape(-1, shape[-1])
             if importance is not None:
@@ -84,14 +106,33 @@ class BlockType:
         assert packed.dtype == np.uint8 and packed.shape == (blocks.shape[0], self.type_size)
         return packed.reshape(-1, row_bytes)
 
-    def dequantize(self, raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """uint8 bytes of a whole tensor -> float32 array of ``shape``."""
+    def quantize_with_params(
+        self, values: np.ndarray, importance: np.ndarray | None = None
+    ) -> tuple[np.ndarray, dict]:
+        """Like :meth:`quantize`, also returning the tensor's params (``{}`` for types that
+        take none); store them as the tensor entry's params (``TensorSpec.extra``)."""
+        if self.quantize_tensor is None:
+            return self.quantize(values, importance), {}
+        values = np.asarray(values, dtype=np.float32)
+        shape = values.shape if values.ndim else (1,)
+        row_bytes = self.row_bytes(shape[-1])
+        rows = np.ascontiguousarray(values).reshape(-1, shape[-1])
+        packed, params = self.quantize_tensor(rows)
+        assert packed.dtype == np.uint8 and packed.shape == (rows.shape[0], row_bytes)
+        return packed, params
+
+    def dequantize(self, raw: np.ndarray, shape: tuple[int, ...], params: dict | None = None) -> np.ndarray:
+        """uint8 bytes of a whole tensor -> float32 array of ``shape``. ``params``: the tensor
+        entry's params; needed by the types that have them (:attr:`has_params`), ignored by
+        the others."""
         raw = np.asarray(raw, dtype=np.uint8).reshape(-1)
         if raw.size != self.nbytes(shape):
             raise QConvertError(
                 f"{self.name} tensor of shape {list(shape)} needs {self.nbytes(shape)} bytes, got {raw.size}"
             )
         blocks = raw.reshape(-1, self.type_size)
+        if self.dequantize_tensor is not None:
+            return self.dequantize_tensor(blocks, params or {}).astype(np.float32, copy=False).reshape(shape)
         return self.dequantize_blocks(blocks).astype(np.float32, copy=False).reshape(shape)
 
 

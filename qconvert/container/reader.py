@@ -242,7 +242,7 @@ class Container:
     def tensor(self, name: str, verify: bool = True) -> np.ndarray:
         """The tensor dequantized to float32, in its shape."""
         info = self.info(name)
-        return info.block_type.dequantize(self.raw(name, verify), info.shape)
+        return info.block_type.dequantize(self.raw(name, verify), info.shape, info.extra)
 
     def verify(self) -> list[str]:
         """Check every tensor's checksum; returns the names that fail."""

@@ -46,6 +46,9 @@ class TensorSpec:
     shape: tuple[int, ...]
     type_name: str
     extra: dict[str, Any] = field(default_factory=dict)  # per-tensor parameters (JSON)
+    # Params known only once the tensor is quantized (NF4_DQ): reserve this many bytes of
+    # header for them (BlockType.params_max_len(shape)) and pass them to write(extra=...).
+    extra_reserve: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -108,30 +111,23 @@ class ContainerWriter:
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names")
 
-        kv = b"".join(_encode_kv(k, metadata[k]) for k in metadata)
-        table = bytearray()
-        self._crc_positions: list[int] = []  # offset of each crc32 field inside the header region
+        self._kv = b"".join(_encode_kv(k, metadata[k]) for k in metadata)
+        self._extras = [dict(s.extra) for s in specs]
         offset = 0
         self._offsets: list[int] = []
         for spec in specs:
-            block_type = by_name(spec.type_name)
             if not 1 <= len(spec.shape) <= MAX_DIMS:
                 raise ValueError(f"{spec.name}: tensors have 1..{MAX_DIMS} dimensions")
-            nb = block_type.nbytes(spec.shape)
-            name_b = spec.name.encode()
-            extra_b = canonical_json(spec.extra) if spec.extra else b""
-            table += struct.pack("<H", len(name_b)) + name_b
-            table += struct.pack("<B", len(spec.shape)) + struct.pack(f"<{len(spec.shape)}Q", *spec.shape)
-            table += struct.pack("<HQQ", block_type.id, offset, nb)
-            self._crc_positions.append(len(kv) + len(table))
-            table += struct.pack("<I", 0)
-            table += struct.pack("<I", len(extra_b)) + extra_b
             self._offsets.append(offset)
-            offset += pad_to(nb, alignment)
+            offset += pad_to(by_name(spec.type_name).nbytes(spec.shape), alignment)
 
-        self._header = bytearray(kv + table)
+        self._header, self._crc_positions = self._build_header(self._extras)
         self._n_kv = len(metadata)
-        self._data_offset = pad_to(FIXED_HEADER.size + len(self._header), alignment)
+        reserved = len(self._header) + sum(
+            max(0, s.extra_reserve - len(canonical_json(e) if e else b"")) for s, e in zip(specs, self._extras)
+        )
+        # header bytes beyond the final header_len stay zero (FORMAT.md §2: data_offset >= 48 + header_len)
+        self._data_offset = pad_to(FIXED_HEADER.size + reserved, alignment)
         self._next = 0
         self._crcs: list[int] = []
 
@@ -146,17 +142,39 @@ class ContainerWriter:
             self.abort()
             raise
 
+    def _build_header(self, extras: list[dict]) -> tuple[bytearray, list[int]]:
+        """The metadata + tensor table with zeroed checksums, and each crc32 field's offset."""
+        table = bytearray()
+        positions = []
+        for spec, extra, offset in zip(self.specs, extras, self._offsets):
+            block_type = by_name(spec.type_name)
+            name_b = spec.name.encode()
+            extra_b = canonical_json(extra) if extra else b""
+            table += struct.pack("<H", len(name_b)) + name_b
+            table += struct.pack("<B", len(spec.shape)) + struct.pack(f"<{len(spec.shape)}Q", *spec.shape)
+            table += struct.pack("<HQQ", block_type.id, offset, block_type.nbytes(spec.shape))
+            positions.append(len(self._kv) + len(table))
+            table += struct.pack("<I", 0)
+            table += struct.pack("<I", len(extra_b)) + extra_b
+        return bytearray(self._kv + table), positions
+
     def _fixed_header(self, header_crc: int) -> bytes:
         return FIXED_HEADER.pack(
             MAGIC, MAJOR, MINOR, self.alignment, header_crc, self._n_kv, len(self.specs), len(self._header), self._data_offset
         )
 
-    def write(self, name: str, raw: np.ndarray | bytes) -> None:
+    def write(self, name: str, raw: np.ndarray | bytes, extra: dict[str, Any] | None = None) -> None:
+        """Append the next tensor's bytes; ``extra``: its params, when they were reserved
+        (``TensorSpec.extra_reserve``) rather than given up front."""
         if self._next >= len(self.specs):
             raise ValueError("more tensors written than declared")
         spec = self.specs[self._next]
         if name != spec.name:
             raise ValueError(f"expected tensor {spec.name}, got {name}")
+        if extra:
+            if len(canonical_json(extra)) > max(spec.extra_reserve, len(canonical_json(spec.extra) if spec.extra else b"")):
+                raise QConvertError(f"tensor {name}: its params exceed the {spec.extra_reserve} bytes reserved for them")
+            self._extras[self._next] = dict(extra)
         data = memoryview(np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)) if not isinstance(raw, bytes) else memoryview(raw)
         if data.nbytes != spec.nbytes:
             raise QConvertError(f"tensor {name}: encoded to {data.nbytes} bytes, expected {spec.nbytes}")
@@ -169,11 +187,13 @@ class ContainerWriter:
         """Patch the checksums, flush to disk and move the file into place."""
         if self._next != len(self.specs):
             raise ValueError(f"only {self._next} of {len(self.specs)} tensors were written")
+        self._header, self._crc_positions = self._build_header(self._extras)
         for pos, crc in zip(self._crc_positions, self._crcs):
             struct.pack_into("<I", self._header, pos, crc)
         self._file.seek(0)
         self._file.write(self._fixed_header(zlib.crc32(self._header)))
         self._file.write(self._header)
+        self._file.write(b"\0" * (self._data_offset - FIXED_HEADER.size - len(self._header)))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()

@@ -143,11 +143,26 @@ def mix_type(mix: Mix, name: str, shape: ModelShape, has_imatrix: bool = False) 
     return mix.default
 
 
+def groupwise_mix(bits: int, group: int) -> Mix:
+    """Every matrix in the group-wise integer type I{bits}G{group} (GPTQ, AWQ, group-wise RTN)."""
+    return Mix(f"i{bits}g{group}", f"I{bits}G{group}", 1024)  # 1024: llama_ftype "guessed"
+
+
+def _groupwise_fallback(type_name: str, row_length: int) -> str | None:
+    m = re.fullmatch(r"I(\d)G(\d+)", type_name)
+    if not m:
+        return None
+    for g in (64, 32):
+        if g < int(m.group(2)) and row_length % g == 0:
+            return f"I{m.group(1)}G{g}"
+    return "F16"
+
+
 def fallback(type_name: str, row_length: int) -> tuple[str, str | None]:
     """A type that can hold rows of ``row_length``: the same, llama.cpp's fallback, or F16."""
     if row_length % by_name(type_name).block_size == 0:
         return type_name, None
-    first = _FALLBACK.get(type_name, "F16")
+    first = _groupwise_fallback(type_name, row_length) or _FALLBACK.get(type_name, "F16")
     if row_length % by_name(first).block_size:
         first = "F16"
     block = by_name(type_name).block_size

@@ -13,6 +13,11 @@ def load_model(container: Container):
     # busy-wait after each call and starve them (kernels.blas_threads explains the numbers).
     kernels.blas_threads(1).__enter__()
     arch = container.architecture
+    if arch == "onnx":
+        raise QConvertError(
+            f"{container.path} holds an ONNX graph, not a language model: run it with"
+            " `qconvert run FILE --input x.npy`, or export it with `qconvert export FILE --to onnx`"
+        )
     config = container.config
     if arch == "llama":
         from .llama import Llama

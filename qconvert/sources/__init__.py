@@ -11,7 +11,7 @@ __all__ = ["Source", "SourceTensor", "open_source"]
 
 
 def open_source(spec: str, revision: str | None = None) -> Source:
-    """A ``.gguf`` file, a local Hugging Face folder, or a hub id (``owner/name``)."""
+    """A ``.gguf`` or ``.onnx`` file, a local Hugging Face folder, or a hub id (``owner/name``)."""
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
@@ -20,7 +20,9 @@ def open_source(spec: str, revision: str | None = None) -> Source:
 
         return open_gguf(path)
     if path.suffix.lower() == ".onnx":
-        raise QConvertError("ONNX sources are not supported yet")
+        from .onnx import open_onnx
+
+        return open_onnx(path)
     if path.is_file() and path.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
         raise QConvertError(
             f"{path.name} is a pickle checkpoint; qconvert never unpickles (it can run arbitrary code):"

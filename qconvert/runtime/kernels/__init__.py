@@ -21,6 +21,13 @@ Kernel contract (what :func:`linear` guarantees a registered callable):
   ids: int64, already range-checked; ``out`` a float32 buffer to fill, if given.
 Any of them may be omitted; the missing ones are derived from the others (or from the
 block codec in :mod:`qconvert.blocks` for dequantisation).
+
+Types whose tensors carry params (FORMAT.md §4; e.g. NF4_DQ's double-quantization state)
+register ``prepare(params, shape) -> aux`` as well; their three callables (all required)
+take ``aux=`` as a keyword: ``matvec(raw, x, aux=)``, ``matmul(raw, X, aux=)``,
+``dequant_rows(raw, ids, row_length, out=None, aux=)``. Callers build ``aux`` once per
+tensor with :func:`prepare_aux` and pass it to ``linear(..., aux=)`` /
+``embedding_rows(..., aux=)``; for every other type ``aux`` is None and ignored.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -37,6 +44,7 @@ from ...errors import QConvertError
 MatVec = Callable[[np.ndarray, np.ndarray], np.ndarray]
 MatMul = Callable[[np.ndarray, np.ndarray], np.ndarray]
 DequantRows = Callable[..., np.ndarray]
+Prepare = Callable[[dict, tuple], Any]
 
 #: batched products below this many tokens run the matvec kernel per token; from it up, rows
 #: are dequantised to float32 a tile at a time and multiplied by all tokens at once.
@@ -53,6 +61,7 @@ class Kernel:
     dequant_rows: DequantRows
     block_size: int | None
     type_size: int | None
+    prepare: Prepare | None = None  # params -> aux, for types whose tensors carry params
 
 
 _KERNELS: dict[str, Kernel] = {}
@@ -116,6 +125,7 @@ def register_kernel(
     block_size: int | None = None,
     type_size: int | None = None,
     replace: bool = False,
+    prepare: Prepare | None = None,
 ) -> Kernel:
     """Register the kernels of block type ``type_name`` (see the module docstring).
 
@@ -126,6 +136,12 @@ def register_kernel(
         raise ValueError(f"kernels for block type {name} registered twice")
     if matvec is None and matmul is None and dequant_rows is None:
         raise ValueError(f"register_kernel({name!r}) needs at least one of matvec, matmul, dequant_rows")
+    if prepare is not None:
+        if matvec is None or matmul is None or dequant_rows is None:
+            raise ValueError(f"register_kernel({name!r}, prepare=...) needs matvec, matmul and dequant_rows")
+        kernel = Kernel(name, matvec, matmul, dequant_rows, block_size, type_size, prepare)
+        _KERNELS[name] = kernel
+        return kernel
     dq = dequant_rows if dequant_rows is not None else _codec_dequant_rows(name)
     if matmul is None:
         matmul = make_matmul(matvec, dq)
@@ -155,6 +171,25 @@ def get_kernel(type_name: str) -> Kernel:
         raise QConvertError(
             f"the runtime has no kernel for block type {type_name!r}; it has: {', '.join(kernel_types())}"
         ) from None
+
+
+def prepare_aux(type_name: str, params: dict | None, shape: tuple[int, ...]) -> Any:
+    """The per-tensor ``aux`` a kernel needs from the tensor's params (None for types
+    without params). Build it once per weight matrix, not per call."""
+    kernel = get_kernel(type_name)
+    if kernel.prepare is None:
+        return None
+    return kernel.prepare(params or {}, tuple(shape))
+
+
+def _aux_kw(kernel: Kernel, aux: Any) -> dict:
+    if kernel.prepare is None:
+        return {}
+    if aux is None:
+        raise QConvertError(
+            f"{kernel.type_name} weights need their tensor params: pass aux=prepare_aux({kernel.type_name!r}, params, shape)"
+        )
+    return {"aux": aux}
 
 
 def _sizes(kernel: Kernel) -> tuple[int, int]:
@@ -194,9 +229,11 @@ def _row_length_check(kernel: Kernel, raw: np.ndarray, row_length: int) -> None:
         )
 
 
-def linear(raw: np.ndarray, type_name: str, x: np.ndarray) -> np.ndarray:
-    """y = W @ x on packed W (out, row_bytes). x (in,) -> (out,); x (T, in) -> (T, out)."""
+def linear(raw: np.ndarray, type_name: str, x: np.ndarray, aux: Any = None) -> np.ndarray:
+    """y = W @ x on packed W (out, row_bytes). x (in,) -> (out,); x (T, in) -> (T, out).
+    ``aux``: :func:`prepare_aux` of the tensor's params, for types that have params."""
     kernel = get_kernel(type_name)
+    kw = _aux_kw(kernel, aux)
     raw = _readonly_raw(raw)
     x = np.asarray(x)
     if x.ndim not in (1, 2):
@@ -205,18 +242,19 @@ def linear(raw: np.ndarray, type_name: str, x: np.ndarray) -> np.ndarray:
     if x.dtype != np.float32 or not x.flags.c_contiguous or not x.flags.writeable:
         x = np.array(x, dtype=np.float32, order="C")
     if x.ndim == 1:
-        return kernel.matvec(raw, x)
+        return kernel.matvec(raw, x, **kw)
     if x.shape[0] == 1:
-        return kernel.matvec(raw, x[0])[None, :]
+        return kernel.matvec(raw, x[0], **kw)[None, :]
     if x.shape[0] == 0:
         return np.zeros((0, raw.shape[0]), np.float32)
-    return kernel.matmul(raw, x)
+    return kernel.matmul(raw, x, **kw)
 
 
-def embedding_rows(raw: np.ndarray, type_name: str, ids, row_length: int) -> np.ndarray:
+def embedding_rows(raw: np.ndarray, type_name: str, ids, row_length: int, aux: Any = None) -> np.ndarray:
     """Rows ``ids`` of a packed (rows, row_bytes) matrix as float32 (len(ids), row_length);
-    only those rows are decoded."""
+    only those rows are decoded. ``aux`` as for :func:`linear`."""
     kernel = get_kernel(type_name)
+    kw = _aux_kw(kernel, aux)
     raw = _readonly_raw(raw)
     _row_length_check(kernel, raw, int(row_length))
     ids = np.asarray(ids)
@@ -231,7 +269,7 @@ def embedding_rows(raw: np.ndarray, type_name: str, ids, row_length: int) -> np.
     ids = np.ascontiguousarray(ids)
     if ids.size == 0:
         return np.zeros((0, int(row_length)), np.float32)
-    return kernel.dequant_rows(raw, ids, int(row_length))
+    return kernel.dequant_rows(raw, ids, int(row_length), **kw)
 
 
 def blas_threads(n: int = 1):
@@ -271,6 +309,7 @@ __all__ = [
     "kernel_types",
     "linear",
     "make_matmul",
+    "prepare_aux",
     "register_kernel",
     "tiled_matmul",
 ]
