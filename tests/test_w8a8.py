@@ -164,7 +164,7 @@ def test_smoothing_fold_leaves_the_float_model_unchanged(f32):
         model = load_model(c)
         windows = _windows(c)
         groups = method.smooth_groups(c.architecture, c.config, set(c.tensors))
-        assert len(groups) == 2 * c.config["num_hidden_layers"]
+        assert len(groups) == 3 * c.config["num_hidden_layers"]  # norm->qkv, norm->gate/up, up->down
 
         def load(name):
             return np.array(c.tensor(name), dtype=np.float32)
@@ -172,7 +172,8 @@ def test_smoothing_fold_leaves_the_float_model_unchanged(f32):
         cal = method.calibrate(model, windows, set(), None, groups, 0.5, load)
         s = cal.smooth["model.layers.0.self_attn.q_proj.weight"]
         assert s is cal.smooth["model.layers.0.self_attn.v_proj.weight"] and s.std() > 0.05 * s.mean()
-        assert "model.layers.0.self_attn.o_proj.weight" not in cal.smooth  # no norm before o / down
+        assert "model.layers.0.self_attn.o_proj.weight" not in cal.smooth  # nothing linear before o_proj
+        assert "model.layers.0.mlp.down_proj.weight" in cal.smooth  # folded into up_proj's rows
         before = [model.forward(w, model.new_cache(len(w))) for w in windows[:2]]
         folded = method.fold_smoothing(load, groups, cal.smooth)
         for i, layer in enumerate(model.layers):
@@ -180,7 +181,7 @@ def test_smoothing_fold_leaves_the_float_model_unchanged(f32):
             layer["attn_norm"] = folded[p + "input_layernorm.weight"]
             layer["mlp_norm"] = folded[p + "post_attention_layernorm.weight"]
             for key, name in (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
-                              ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj")):
+                              ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"), ("down", "mlp.down_proj")):
                 W = folded[p + name + ".weight"]
                 assert not np.allclose(W, load(p + name + ".weight"))
                 layer[key] = Linear(np.ascontiguousarray(W).view(np.uint8), "F32", W.shape, name=p + name + ".weight")

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..blocks.w8a8 import QMAX, make_params, quantize_rows_int8
 from ..errors import QConvertError
-from .awq import fold_into_norm
+from .awq import fold_into_linear, fold_into_norm
 
 ACT_MODES = ("static", "dynamic")
 OBSERVERS = ("minmax", "percentile", "entropy", "mse")
@@ -92,9 +92,17 @@ def fold_smoothing(load: Callable[[str], np.ndarray], groups: Sequence[SmoothGro
     columns × s (``scales``: linear name -> s, as :func:`calibrate` returns). Exact in real
     arithmetic: the float model computes the same function (up to float32 rounding)."""
     out: dict[str, np.ndarray] = {}
+
+    def current(name: str) -> np.ndarray:  # up_proj is folded twice: by its norm, then by down_proj
+        return out[name] if name in out else load(name)
+
     for g in groups:
-        nw, _nb, Ws = fold_into_norm(load(g.norm), None, [load(n) for n in g.linears], scales[g.linears[0]])
-        out[g.norm] = np.asarray(nw, dtype=np.float32)
+        s = scales[g.linears[0]]
+        if g.prev_is_linear:
+            prev, _pb, Ws = fold_into_linear(current(g.norm), None, [current(n) for n in g.linears], s)
+        else:
+            prev, _pb, Ws = fold_into_norm(current(g.norm), None, [current(n) for n in g.linears], s)
+        out[g.norm] = np.asarray(prev, dtype=np.float32)
         for n, W in zip(g.linears, Ws):
             out[n] = np.asarray(W, dtype=np.float32)
     return out
@@ -105,13 +113,18 @@ def fold_smoothing(load: Callable[[str], np.ndarray], groups: Sequence[SmoothGro
 
 @dataclass(frozen=True)
 class SmoothGroup:
-    norm: str  # the RMSNorm weight whose output the linears read
+    norm: str  # the RMSNorm weight whose output the linears read (or the linear, see below)
     linears: tuple[str, ...]  # weight names, first = the one whose input is recorded
+    # down_proj has no norm before it, but its input silu(gate)*up is linear in up_proj's
+    # output rows, so the scale folds into up_proj's rows (AWQ's up -> down): without it
+    # down_proj's outlier channels (max |x| ~ 3000 in SmolLM2) ruin static int8 ranges
+    prev_is_linear: bool = False
 
 
 _LLAMA_GROUPS = (
-    ("input_layernorm.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")),
-    ("post_attention_layernorm.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
+    ("input_layernorm.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), False),
+    ("post_attention_layernorm.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), False),
+    ("mlp.up_proj.weight", ("mlp.down_proj.weight",), True),
 )
 
 
@@ -123,8 +136,8 @@ def smooth_groups(architecture: str, config: dict, names: set[str] | Sequence[st
     groups = []
     for i in range(int(config["num_hidden_layers"])):
         p = f"model.layers.{i}."
-        for norm, linears in _LLAMA_GROUPS:
-            g = SmoothGroup(p + norm, tuple(p + n for n in linears))
+        for norm, linears, prev_is_linear in _LLAMA_GROUPS:
+            g = SmoothGroup(p + norm, tuple(p + n for n in linears), prev_is_linear)
             missing = [n for n in (g.norm, *g.linears) if n not in names]
             if missing:
                 raise QConvertError(f"SmoothQuant: the model lacks {missing[0]}")
@@ -278,7 +291,7 @@ def run_w8a8(source_spec, source, targets: set[str], calib, n_samples: int, seql
 
     groups = smooth_groups(source.architecture, source.config, by_name) if smooth is not None else []
     # a group is smoothed only when the plan lets the method rewrite all its linears
-    groups = [g for g in groups if all(n in targets for n in g.linears)]
+    groups = [g for g in groups if all(n in targets for n in g.linears) and (not g.prev_is_linear or g.norm in targets)]
     static = act_mode == "static"
     needs_data = static or bool(groups)
     with tempfile.TemporaryDirectory(prefix="qconvert-w8a8-") as tmp:
@@ -300,7 +313,8 @@ def run_w8a8(source_spec, source, targets: set[str], calib, n_samples: int, seql
     folded = fold_smoothing(load, groups, cal.smooth)
     encoded, floats = {}, {}
     for g in groups:
-        floats[g.norm] = folded.pop(g.norm)
+        if not g.prev_is_linear:
+            floats[g.norm] = folded.pop(g.norm)
     for n in cal.linears:
         if n in targets:
             W = folded.pop(n) if n in folded else load(n)
