@@ -44,6 +44,22 @@ def all_types_file(path: Path) -> None:
             w.write(s.name, t.quantize(values))
 
 
+def more_types_file(path: Path) -> None:
+    """Block types added before format 1.0 was released, after all-types.q was written:
+    K-quants, NF4/NF4_DQ (with params), group-wise integers, W8A8 (with params). Rows of 256."""
+    rng = np.random.default_rng(2025)
+    values = rng.normal(0, 1, (2, 256)).astype(np.float32)
+    values[0, 7] = -6.5
+    values[1, 128:160] = 0.0
+    done = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"}
+    types = [t for t in all_types() if t.name not in done and t.name != "Q8_K"]
+    encoded = [t.quantize_with_params(values) for t in types]
+    specs = [TensorSpec(f"tensor.{t.name.lower()}", values.shape, t.name, params) for t, (_, params) in zip(types, encoded)]
+    with ContainerWriter(path, {"qconvert.version": "0.1.0"}, specs) as w:
+        for s, (raw, _) in zip(specs, encoded):
+            w.write(s.name, raw)
+
+
 def tiny_llama_file(path: Path) -> None:
     from tests.conftest import make_hf_folder
     import tempfile
@@ -58,6 +74,7 @@ def tiny_llama_file(path: Path) -> None:
 def describe(path: Path) -> dict:
     with open_container(path) as c:
         meta = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in c.metadata.items() if k != "source"}
+        params = {name: info.extra for name, info in c.tensors.items() if info.extra}
         return {
             "file_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "format_version": f"{c.major}.{c.minor}",
@@ -68,6 +85,7 @@ def describe(path: Path) -> dict:
                     "type": info.block_type.name,
                     "raw_sha256": hashlib.sha256(c.raw(name).tobytes()).hexdigest(),
                     "dequantized_sha256": hashlib.sha256(c.tensor(name).astype("<f4").tobytes()).hexdigest(),
+                    **({"params": params[name]} if name in params else {}),
                 }
                 for name, info in c.tensors.items()
             },
@@ -76,8 +94,11 @@ def describe(path: Path) -> dict:
 
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    all_types_file(out / "all-types.q")
-    tiny_llama_file(out / "tiny-llama-q4_0.q")
+    # golden files are never rewritten: only missing ones are made
+    for name, make in (("all-types.q", all_types_file), ("tiny-llama-q4_0.q", tiny_llama_file),
+                       ("more-types.q", more_types_file)):
+        if not (out / name).exists():
+            make(out / name)
     expected = {p.name: describe(p) for p in sorted(out.glob("*.q"))}
     (out / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
 

@@ -35,6 +35,7 @@ def test_golden_file_reads_exactly(path, expected):
         for name, t in expected["tensors"].items():
             info = c.tensors[name]
             assert list(info.shape) == t["shape"] and info.block_type.name == t["type"]
+            assert info.extra == t.get("params", {}), name
             assert hashlib.sha256(c.raw(name).tobytes()).hexdigest() == t["raw_sha256"]
             values = c.tensor(name).astype("<f4").tobytes()
             assert hashlib.sha256(values).hexdigest() == t["dequantized_sha256"], name
