@@ -40,7 +40,7 @@ KQUANT_SET = [
     ("Q6_K", dict(method="q6_k")),
     ("Q8_0", dict(method="rtn", bits=8)),
 ]
-CAL = dict(calib=CALIB, calib_samples=32, calib_seqlen=512, seed=0)
+CAL = dict(calib=CALIB, calib_samples=16, calib_seqlen=512, seed=0)
 CALIBRATED_SET = [
     ("RTN W4 g128 (asym)", dict(method="rtn", bits=4, group=128, sym=False)),
     ("GPTQ W4 g128 (asym)", dict(method="gptq", bits=4, group=128, sym=False, **CAL)),
