@@ -86,7 +86,7 @@ def _human_bytes(n: int) -> str:
 def quantize(
     source: str = typer.Argument(..., help="HF folder, hub id (owner/name), .gguf or .onnx file."),
     output: Path = typer.Option(..., "-o", "--output", help="Container file to write."),
-    method: str = typer.Option("rtn", "--method", "-m", help="rtn (--bits/--group/--asym); gptq or awq (--calib); nf4 (bitsandbytes NF4, 64-weight blocks); w8a8 (int8 weights and activations: --calib, --observer, --smooth, --act-mode); a llama.cpp K-quant mix: q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k; or f32/f16/bf16 (unquantized reference)."),
+    method: str = typer.Option("rtn", "--method", "-m", help="rtn (--bits/--group/--asym); gptq or awq (--calib); import (a GPTQ/AWQ checkpoint as it is — the default for one); nf4 (bitsandbytes NF4, 64-weight blocks); w8a8 (int8 weights and activations: --calib, --observer, --smooth, --act-mode); a llama.cpp K-quant mix: q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k; or f32/f16/bf16 (unquantized reference)."),
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help="Bits per weight: rtn 4/5/8 (or 2/3 with --group), gptq/awq 2/3/4/8 (default: rtn 8, gptq/awq 4)."),
     group: Optional[int] = typer.Option(None, "--group", "-g", help="Weights per scale: 32 (GGML blocks), or 64/128 (group-wise I{bits}G{group}; gptq/awq use 128 by default)."),
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (Q4_0/Q5_0/Q8_0) or with a min (Q4_1/Q5_1)."),

@@ -26,9 +26,9 @@ from .sources import Source, open_source
 # compares against (a quantized source such as a Q4_1 GGUF is dequantized into it).
 FLOAT_METHODS = ("f32", "f16", "bf16")
 CALIBRATED_METHODS = ("gptq", "awq")
-# w8a8: int8 weights per channel x int8 activations (static/dynamic), optional SmoothQuant
 # bitsandbytes' NF4: 64-weight blocks, absmax double-quantized (default) or kept as f32
 NF4_MIXES = {True: Mix("nf4", "NF4_DQ", 1024), False: Mix("nf4-nodq", "NF4", 1024)}
+# w8a8: int8 weights per channel x int8 activations (static/dynamic), optional SmoothQuant
 METHODS = ("rtn", *CALIBRATED_METHODS, "nf4", *FLOAT_METHODS, *K_MIXES, "w8a8")
 
 # Called after each tensor: (index, total, plan).
@@ -186,9 +186,12 @@ def quantize(
                              tensor_types=list(tensor_types), calib=calib, observer=observer, imatrix=imatrix,
                              smooth=smooth, act_mode=act_mode, progress=progress, calib_progress=calib_progress)
     calibrated = method in CALIBRATED_METHODS
+    # A GPTQ/AWQ checkpoint is imported as it is with --method import, or with the default
+    # method when no --bits/--group asks for something else (sources/prequantized.py).
+    importing, default_method = method == "import", method == "rtn" and bits is None and group is None
     bits = bits if bits is not None else (4 if calibrated else 8)
     group = group if group is not None else (128 if calibrated else 32)
-    mix, r_bits, r_group, r_sym = resolve_method(method, bits, group, sym, double_quant)
+    mix, r_bits, r_group, r_sym = resolve_method("f32" if importing else method, bits, group, sym, double_quant)
     importance: dict[str, np.ndarray] = {}
     imatrix_info = None
     if imatrix is not None and calib is not None:
@@ -210,6 +213,21 @@ def quantize(
         plans = plan_tensors(
             src.tensors, src.config, mix, keep=keep, tensor_types=list(tensor_types), has_imatrix=bool(importance)
         )
+        from .sources.prequantized import import_plans, is_prequantized
+
+        by_tensor = {t.name: t for t in src.tensors}
+        prequantized = any(is_prequantized(t) for t in src.tensors)
+        if importing and not prequantized:
+            raise QConvertError("--method import needs a GPTQ or AWQ checkpoint (config.json with a quantization_config)")
+        if prequantized and (importing or default_method):
+            importing = True
+            plans = import_plans(plan_tensors(src.tensors, src.config, MIXES["f32"], keep=keep,
+                                              tensor_types=list(tensor_types), has_imatrix=bool(importance)), by_tensor)
+            recipe = build_recipe("import", mix, None, None, None, keep, list(tensor_types), imatrix_info)
+            recipe.update(mix=None, **src.provenance["quantization"])
+            from .blocks.groupwise import parse_type
+
+            recipe["groups_used"] = sorted({parse_type(p.type_name)[1] for p in plans if p.reason == "imported"})
         encoded, floats = {}, {}
         if calibrated:
             from .methods.calibrated import run_calibrated
@@ -234,9 +252,10 @@ def quantize(
             recipe["seed"] = seed if info["calibration"] is not None else None
             plans = [_calibrated_plan(p, encoded, floats) for p in plans]
         metadata = container_metadata(src, recipe, plans)
-        specs = [TensorSpec(p.name, p.shape, p.type_name, encoded[p.name].params if p.name in encoded else {},
+        # a tensor stored as the source's own blocks keeps their params (an imported act-order permutation)
+        specs = [TensorSpec(p.name, p.shape, p.type_name, encoded[p.name].params if p.name in encoded else
+                            (getattr(by_tensor[p.name], "params", {}) if p.copies_source else {}),
                             extra_reserve=_params_reserve(p)) for p in plans]
-        by_tensor = {t.name: t for t in src.tensors}
         with ContainerWriter(output, metadata, specs) as writer:
             for i, plan in enumerate(plans):
                 params: dict = {}

@@ -157,12 +157,14 @@ def open_hf(spec: str, revision: str | None = None, hash_files: bool = True) -> 
     except (ValueError, UnicodeDecodeError):
         raise QConvertError(f"config.json in {folder} is not a JSON object") from None
 
-    quant_cfg = config.get("quantization_config")
-    if quant_cfg:
-        method = quant_cfg.get("quant_method", "unknown") if isinstance(quant_cfg, dict) else "unknown"
-        raise QConvertError(
-            f"{folder.name} is already quantized ({method}); importing pre-quantized checkpoints is not supported yet"
-        )
+    # GPTQ / AWQ checkpoints are imported as they are (sources/prequantized.py, which refuses
+    # every other quantized checkpoint with one sentence).
+    from .prequantized import Collector, detect
+
+    prequant = detect(folder, config)
+    collector = Collector(prequant) if prequant is not None else None
+    if prequant is not None:  # kept in the provenance; the container's weights are not in that format
+        config = {k: v for k, v in config.items() if k != "quantization_config"}
     model_type = str(config.get("model_type", ""))
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise QConvertError(
@@ -197,6 +199,9 @@ def open_hf(spec: str, revision: str | None = None, hash_files: bool = True) -> 
             if weight_map is not None and weight_map.get(name) != shard:
                 continue
             dtype, shape, begin, end = f.entries[name]
+            if collector is not None and collector.claims(name):  # qweight / qzeros / scales / g_idx
+                collector.add(name, f, dtype, shape, end - begin)
+                continue
             if dtype not in _FLOAT_DTYPES:
                 if dtype.startswith(("I", "U", "BOOL")):
                     continue  # integer buffers such as BERT's position_ids are not weights
@@ -216,6 +221,15 @@ def open_hf(spec: str, revision: str | None = None, hash_files: bool = True) -> 
                 load = _transposed(load, shape, _FLOAT_DTYPES[dtype])
                 shape = (shape[1], shape[0])
             tensors.append(SourceTensor(name, shape if shape else (1,), dtype, load))
+    if collector is not None:
+        imported = collector.tensors()
+        if not imported:  # only a stale quantize_config.json beside float weights
+            prequant = None
+        for t in imported:
+            if t.name in seen:
+                raise QConvertError(f"tensor {t.name!r} is both a float tensor and a quantized module in the checkpoint")
+            dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
+            tensors.append(t)
     tensors.sort(key=lambda t: _natural_key(t.name))
 
     tok_path = folder / "tokenizer.json"
@@ -241,9 +255,12 @@ def open_hf(spec: str, revision: str | None = None, hash_files: bool = True) -> 
             }
             for n in sorted(hashed)
         ],
-        "quantized": False,
+        "quantized": prequant is not None,
         "source_types": dtypes,
     }
+    if prequant is not None:
+        provenance["quantization"] = prequant.summary()
+        provenance["quantization_config"] = prequant.config
     return Source(
         kind="hf",
         architecture=SUPPORTED_MODEL_TYPES[model_type],
