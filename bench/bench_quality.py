@@ -1,6 +1,7 @@
-"""Size, bits per weight, perplexity and KL divergence of quantized SmolLM2-135M vs its F32 import.
+"""Size, bits per weight, perplexity and KL divergence of quantized SmolLM2-135M (or stories260K)
+vs its F32 import.
 
-    python bench/bench_quality.py [--set kquants|calibrated|all] [--chunks 20] [--work /tmp/qconvert-bench]
+    python bench/bench_quality.py [--set kquants|calibrated|nf4|all] [--model smollm2|stories260k] [--chunks 20]
 
 Protocol = llama.cpp's llama-perplexity (../shared/reference/BASELINES.md): wiki.test.raw with
 CRLF -> LF, windows of 512 tokens, second halves scored, first --chunks windows; KLD against the
@@ -24,6 +25,7 @@ SHARED = REPO.parent / "shared"
 GGUF = SHARED / "models" / "smollm2-135m-instruct-q4_1-gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 CALIB = SHARED / "data" / "tinyshakespeare" / "input.txt"
+MODELS = {"smollm2": GGUF, "stories260k": SHARED / "models" / "stories260K"}
 
 import qconvert  # noqa: E402
 from qconvert.evaluate import evaluate, read_text, reference_logprobs  # noqa: E402
@@ -61,17 +63,19 @@ def main() -> None:
     ap.add_argument("--set", default="all", choices=["kquants", "calibrated", "nf4", "all"])
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--work", default="/tmp/qconvert-bench")
+    ap.add_argument("--model", default="smollm2", choices=list(MODELS))
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    source = MODELS[args.model]
 
-    f32 = work / "smollm2.f32.q"
+    f32 = work / f"{args.model}.f32.q"
     if not f32.exists():
-        qconvert.quantize(GGUF, f32, method="f32")
+        qconvert.quantize(source, f32, method="f32")
     sets = {"kquants": KQUANT_SET, "calibrated": CALIBRATED_SET, "nf4": NF4_SET}
     chosen = [row for name, rows in sets.items() if args.set in (name, "all") for row in rows]
 
-    imatrix = work / "smollm2.imatrix"
+    imatrix = work / f"{args.model}.imatrix"
     if any(kw.get("imatrix") for _, kw in chosen) and not imatrix.exists():
         from qconvert.imatrix import collect_imatrix, save_imatrix
 
@@ -88,16 +92,16 @@ def main() -> None:
         ref_model = load_model(c)
         ref_logp = reference_logprobs(ref_model, tokens, 512, args.chunks, bos)
         ref = evaluate(ref_model, tokens, 512, args.chunks, bos)
-    print(f"F32 import: PPL {ref.ppl:.4f} over {ref.chunks} windows ({ref.tokens_scored} tokens scored), "
+    print(f"{args.model} F32: PPL {ref.ppl:.4f} over {ref.chunks} windows ({ref.tokens_scored} tokens scored), "
           f"{f32.stat().st_size / 2**20:.0f} MiB\n")
     print("| model | file size | bits per weight | PPL | PPL(Q)/PPL(F32) | mean KLD | same top-1 | RMS Δp | quantize time |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, kw in chosen:
         kw = {k: (imatrix if v == "IMATRIX" else v) for k, v in kw.items()}
-        path = work / ("smollm2." + name.lower().replace(" ", "_").replace("+", "").replace("(", "").replace(")", "") + ".q")
+        path = work / (f"{args.model}." + name.lower().replace(" ", "_").replace("+", "").replace("(", "").replace(")", "") + ".q")
         t0 = time.perf_counter()
         try:
-            qconvert.quantize(GGUF, path, **kw)
+            qconvert.quantize(source, path, **kw)
         except qconvert.QConvertError as e:
             print(f"| {name} | – | – | – | – | – | – | – | not available: {e} |")
             continue
@@ -112,7 +116,7 @@ def main() -> None:
               flush=True)
     print(f"\npeak RSS of this benchmark process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
 
-    if args.set in ("kquants", "all"):
+    if args.set in ("kquants", "all") and args.model == "smollm2":
         try:
             import llama_cpp
         except ImportError:
