@@ -15,8 +15,8 @@ from numba.extending import intrinsic
 
 from . import _ir
 from ._ir import F32, I16, FAST, const, i64, load, store, vec
-from ._ir import GEMM_ROWS, gemm_operand, gemm_rows, k_padded
-from . import SMALL_T, register_kernel
+from ._ir import GEMM_ROWS, gemm_rows
+from ._family import register_family_kernel
 
 # kind id -> (name, bytes per element)
 _LAYOUT = {0: ("F32", 4), 1: ("F16", 2), 2: ("BF16", 2)}
@@ -152,41 +152,17 @@ def _matmul(raw, Xp, t_valid, n_in, out, kind):
         gemm_rows(buf, nr, Xp, t_valid, out, r0)
 
 
-def _make(name: str):
+def _register(name: str) -> None:
     kind = KINDS[name]
-
-    def matvec(raw: np.ndarray, x: np.ndarray) -> np.ndarray:
-        out = np.empty(raw.shape[0], np.float32)
-        _matvec(raw, x, out, kind)
-        return out
-
-    def matmul(raw: np.ndarray, X: np.ndarray) -> np.ndarray:
-        T, n_in = X.shape
-        if T < SMALL_T:
-            return np.stack([matvec(raw, X[t]) for t in range(T)])
-        out = np.empty((T, raw.shape[0]), np.float32)
-        _matmul(raw, gemm_operand(X, k_padded(n_in)), T, n_in, out, kind)
-        return out
-
-    def dequant_rows(raw: np.ndarray, ids: np.ndarray, row_length: int, out=None) -> np.ndarray:
-        if out is None:
-            out = np.empty((ids.shape[0], row_length), np.float32)
-        _dequant_rows(raw, ids, out, kind)
-        return out
-
-    matvec.__name__ = f"matvec_{name.lower()}"
-    matmul.__name__ = f"matmul_{name.lower()}"
-    dequant_rows.__name__ = f"dequant_rows_{name.lower()}"
-    return matvec, matmul, dequant_rows
+    register_family_kernel(
+        name,
+        1,
+        ELEM_SIZE[name],
+        lambda raw, x, out: _matvec(raw, x, out, kind),
+        lambda raw, Xp, T, n_in, out: _matmul(raw, Xp, T, n_in, out, kind),
+        lambda raw, ids, out: _dequant_rows(raw, ids, out, kind),
+    )
 
 
 for _name in KINDS:
-    _mv, _mm, _dq = _make(_name)
-    register_kernel(
-        _name,
-        _mv,
-        _mm,
-        dequant_rows=_dq,
-        block_size=1,
-        type_size=ELEM_SIZE[_name],
-    )
+    _register(_name)

@@ -40,8 +40,8 @@ from numba.extending import intrinsic
 
 from . import _ir
 from ._ir import F32, I8, I16, I32, FAST, const, gep, i64, load, splat, store, vec
-from ._ir import GEMM_ROWS, gemm_operand, gemm_rows, k_padded
-from . import SMALL_T, register_kernel
+from ._ir import GEMM_ROWS, gemm_rows
+from ._family import register_family_kernel
 
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128)
@@ -308,45 +308,21 @@ def _matmul(raw, Xp, t_valid, n_in, out, kind):
         gemm_rows(buf, nr, Xp, t_valid, out, r0)
 
 
-def _make(name: str):
+def _register(name: str) -> None:
     kind = KINDS[name]
     _n, bits, group, _size = _LAYOUT[kind]
     order = np.array(_dot_order(bits, group), np.int64)
     if np.array_equal(order, np.arange(group)):
         order = np.zeros(0, np.int64)
-
-    def matvec(raw: np.ndarray, x: np.ndarray) -> np.ndarray:
-        out = np.empty(raw.shape[0], np.float32)
-        _matvec(raw, x, out, kind, order)
-        return out
-
-    def matmul(raw: np.ndarray, X: np.ndarray) -> np.ndarray:
-        T, n_in = X.shape
-        if T < SMALL_T:
-            return np.stack([matvec(raw, X[t]) for t in range(T)])
-        out = np.empty((T, raw.shape[0]), np.float32)
-        _matmul(raw, gemm_operand(X, k_padded(n_in)), T, n_in, out, kind)
-        return out
-
-    def dequant_rows(raw: np.ndarray, ids: np.ndarray, row_length: int, out=None) -> np.ndarray:
-        if out is None:
-            out = np.empty((ids.shape[0], row_length), np.float32)
-        _dequant_rows(raw, ids, out, kind)
-        return out
-
-    matvec.__name__ = f"matvec_{name.lower()}"
-    matmul.__name__ = f"matmul_{name.lower()}"
-    dequant_rows.__name__ = f"dequant_rows_{name.lower()}"
-    return matvec, matmul, dequant_rows
+    register_family_kernel(
+        name,
+        BLOCK_SIZE[name],
+        TYPE_SIZE[name],
+        lambda raw, x, out: _matvec(raw, x, out, kind, order),
+        lambda raw, Xp, T, n_in, out: _matmul(raw, Xp, T, n_in, out, kind),
+        lambda raw, ids, out: _dequant_rows(raw, ids, out, kind),
+    )
 
 
 for _name in KINDS:
-    _mv, _mm, _dq = _make(_name)
-    register_kernel(
-        _name,
-        _mv,
-        _mm,
-        dequant_rows=_dq,
-        block_size=BLOCK_SIZE[_name],
-        type_size=TYPE_SIZE[_name],
-    )
+    _register(_name)
