@@ -1,7 +1,8 @@
 """qconvert's GPTQ against GPTQModel's on SmolLM2-135M: same F32 model, same calibration windows.
 
     GPTQMODEL_CPU_WORKERS=2 NUMBA_NUM_THREADS=2 python bench/bench_gptqmodel.py [--group auto|128|64|128,64]
-        [--sym] [--gar] [--chunks 20] [--work /tmp/qconvert-bench-gptqmodel]
+        [--bits 4] [--damp 0.01] [--act-order] [--mse] [--sym] [--gar] [--chunks 20]
+        [--work /tmp/qconvert-bench-gptqmodel]
 
 1. The F32 reference is qconvert's import of the GGUF; GPTQModel gets the same weights as an HF
    fp32 folder (transformers' GGUF loader, ``save_pretrained``); the script checks that both
@@ -9,7 +10,11 @@
 2. Calibration: ``qconvert.calibration.calibration_set`` on tinyshakespeare (16 windows of 512
    tokens, seed 0) -- the windows qconvert's GPTQ samples itself -- handed to GPTQModel as
    ``{"input_ids", "attention_mask"}`` rows.
-3. GPTQ W4, asymmetric (``--sym`` for symmetric), desc_act off, damp 0.01, on both sides.
+3. GPTQ W4 (``--bits``), asymmetric (``--sym`` for symmetric), desc_act off (``--act-order``
+   turns it on, and qconvert's ``act_order``), no range search (``--mse``: GPTQModel's
+   ``mse=2.4`` and qconvert's ``mse=True``, the same 100-step grid shrinking to 0.2), damp 0.01
+   (``--damp``), on both sides; qconvert's plain round-to-nearest at the same bits and group is
+   a third row.
    GPTQModel turns on its group-aware reordering (``act_group_aware``) by default for GPTQ; it is
    off here so that both run plain GPTQ (``--gar`` adds a GPTQModel row with it on).
    Group: SmolLM2's hidden size 576 is not a multiple of 128. qconvert then uses 64 for those
@@ -42,7 +47,7 @@ GGUF_DIR = SHARED / "models" / "smollm2-135m-instruct-q4_1-gguf"
 GGUF = GGUF_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 CALIB = SHARED / "data" / "tinyshakespeare" / "input.txt"
-SAMPLES, SEQLEN, SEED, DAMP, BITS = 16, 512, 0, 0.01, 4
+SAMPLES, SEQLEN, SEED = 16, 512, 0
 
 
 # --- children: one quantization each, timed, reporting JSON on their last stdout line -------
@@ -52,8 +57,9 @@ def child_qconvert(a: argparse.Namespace) -> dict:
     import qconvert
 
     t0 = time.perf_counter()
-    r = qconvert.quantize(GGUF, a.out, method="gptq", bits=BITS, group=a.group, sym=a.sym, calib=CALIB,
-                          calib_samples=SAMPLES, calib_seqlen=SEQLEN, seed=SEED, damp=DAMP)
+    r = qconvert.quantize(GGUF, a.out, method="gptq", bits=a.bits, group=a.group, sym=a.sym, calib=CALIB,
+                          calib_samples=SAMPLES, calib_seqlen=SEQLEN, seed=SEED, damp=a.damp,
+                          act_order=a.act_order, mse=a.mse)
     return {"seconds": time.perf_counter() - t0, "convert_seconds": r.seconds}
 
 
@@ -68,13 +74,17 @@ def child_gptqmodel(a: argparse.Namespace) -> dict:
     windows = np.load(a.calib_npy)
     calibration = [{"input_ids": torch.from_numpy(w).long().unsqueeze(0),
                     "attention_mask": torch.ones(1, w.shape[0], dtype=torch.long)} for w in windows]
-    cfg = QuantizeConfig(bits=BITS, group_size=a.group, sym=a.sym, desc_act=False, damp_percent=DAMP,
-                         act_group_aware=a.gar)
+    cfg = QuantizeConfig(bits=a.bits, group_size=a.group, sym=a.sym, desc_act=a.act_order, damp_percent=a.damp,
+                         act_group_aware=a.gar, mse=2.4 if a.mse else 0.0)
     t0 = time.perf_counter()
     model = GPTQModel.load(str(a.hf), cfg, device="cpu", dtype=torch.float32)
     model.quantize(calibration, batch_size=1, calibration_sort=None)
     model.save(str(a.out))
     return {"seconds": time.perf_counter() - t0, "import_seconds": t_import}
+
+
+def _num(v: float, unit: str, digits: int = 1) -> str:
+    return "–" if v != v else f"{v:.{digits}f} {unit}"  # NaN: not measured
 
 
 def peak_rss_mib() -> float:
@@ -192,6 +202,10 @@ def main() -> None:
                     help="auto (128; 64 for both if GPTQModel fails at 128), or a list such as 128,64")
     ap.add_argument("--sym", action="store_true", help="symmetric on both sides (default: asymmetric)")
     ap.add_argument("--gar", action="store_true", help="also run GPTQModel with act_group_aware (its GPTQ default)")
+    ap.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--act-order", action="store_true", help="desc_act / act_order on both sides")
+    ap.add_argument("--mse", action="store_true", help="the range search on both sides (GPTQModel mse=2.4)")
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--work", default="/tmp/qconvert-bench-gptqmodel")
     a = ap.parse_args()
@@ -216,7 +230,9 @@ def main() -> None:
     from qconvert.runtime.tokenizer import Tokenizer
 
     sym_name = "sym" if a.sym else "asym"
-    print(f"GPTQ W{BITS} {sym_name}, desc_act off, damp {DAMP}, calibration: {SAMPLES} windows of {SEQLEN} "
+    flags = ("-ao" if a.act_order else "") + ("-mse" if a.mse else "")
+    extra = (["--act-order"] if a.act_order else []) + (["--mse"] if a.mse else [])
+    print(f"GPTQ W{a.bits} {sym_name}, desc_act {'on' if a.act_order else 'off'}, mse {'2.4' if a.mse else 'off'}, damp {a.damp}, calibration: {SAMPLES} windows of {SEQLEN} "
           f"tokens of {CALIB.name} (seed {SEED}); evaluation: {a.chunks} windows of 512 of {WIKI.name}\n")
     try:
         import gptqmodel  # noqa: F401
@@ -279,13 +295,13 @@ def main() -> None:
               "over 128 wiki tokens\n")
 
     def gptqmodel_run(g: int, gar: bool):
-        out = work / f"gptqmodel-w4g{g}-{sym_name}{'-gar' if gar else ''}"
+        out = work / f"gptqmodel-w{a.bits}g{g}-{sym_name}-d{a.damp:g}{flags}{'-gar' if gar else ''}"
         if out.exists():
             import shutil
 
             shutil.rmtree(out)
         args = ["--child", "gptqmodel", "--out", str(out), "--hf", str(hf), "--calib-npy", str(calib_npy),
-                "--group", str(g)] + (["--sym"] if a.sym else []) + (["--gar"] if gar else [])
+                "--group", str(g), "--bits", str(a.bits), "--damp", str(a.damp)] + extra + (["--sym"] if a.sym else []) + (["--gar"] if gar else [])
         res, wall, tail = run_child(args, work / f"{out.name}.log")
         return out, res, wall, tail
 
@@ -313,13 +329,18 @@ def main() -> None:
                 else:
                     runs.append((f"GPTQModel {gptqmodel_version} GPTQ + act_group_aware", out, res, wall))
 
-        out = work / f"qconvert-w4g{group}-{sym_name}.q"
-        args = ["--child", "qconvert", "--out", str(out), "--group", str(group)] + (["--sym"] if a.sym else [])
+        out = work / f"qconvert-w{a.bits}g{group}-{sym_name}-d{a.damp:g}{flags}.q"
+        args = ["--child", "qconvert", "--out", str(out), "--group", str(group), "--bits", str(a.bits), "--damp", str(a.damp)] + extra + (["--sym"] if a.sym else [])
         res, wall, tail = run_child(args, work / f"{out.name}.log")
         if res is None:
             print(f"qconvert GPTQ failed at group {group}; its output ended with:\n{tail}\n")
         else:
             rows.append((group, "qconvert GPTQ", out, res, wall, ""))
+        out = work / f"qconvert-rtn-w{a.bits}g{group}-{sym_name}.q"
+        t0 = time.perf_counter()
+        qconvert.quantize(GGUF, out, method="rtn", bits=a.bits, group=group, sym=a.sym)
+        rows.append((group, "qconvert RTN", out, {"seconds": time.perf_counter() - t0, "peak_rss_mib": float("nan")},
+                     float("nan"), ""))
         for name, folder, res, wall in runs:
             imported = work / f"{folder.name}.imported.q"
             try:
@@ -340,8 +361,8 @@ def main() -> None:
             r = evaluate(load_model(c), tokens, 512, a.chunks, bos, reference_logp=ref_logp)
         x = r.reference
         print(f"| {group} | {name} | {gtext} | {r.ppl:.4f} | {r.ppl / ref_ppl:.4f} | {x['kld_mean']:.5f} "
-              f"| {100 * x['top1_agreement']:.2f}% | {res['seconds']:.1f} s | {wall:.1f} s "
-              f"| {res['peak_rss_mib']:.0f} MiB |", flush=True)
+              f"| {100 * x['top1_agreement']:.2f}% | {res['seconds']:.1f} s | {_num(wall, 's')} "
+              f"| {_num(res['peak_rss_mib'], 'MiB', 0)} |", flush=True)
     print("\nquantize wall time: inside the child, load + calibrate + quantize + save (qconvert from the GGUF, "
           "GPTQModel from the HF fp32 folder); process wall time adds interpreter start and imports; "
           "peak RSS: VmHWM of the child process. GPTQModel checkpoints are evaluated after a lossless "

@@ -2,6 +2,7 @@
 vs its F32 import.
 
     python bench/bench_quality.py [--set kquants|calibrated|nf4|all] [--model smollm2|stories260k] [--chunks 20]
+        [--rows REGEX]
 
 Protocol = llama.cpp's llama-perplexity (../shared/reference/BASELINES.md): wiki.test.raw with
 CRLF -> LF, windows of 512 tokens, second halves scored, first --chunks windows; KLD against the
@@ -49,9 +50,13 @@ CALIBRATED_SET = [
     ("RTN W4 g128 (asym)", dict(method="rtn", bits=4, group=128, sym=False)),
     ("GPTQ W4 g128 (asym)", dict(method="gptq", bits=4, group=128, sym=False, **CAL)),
     ("GPTQ W4 g128 act-order", dict(method="gptq", bits=4, group=128, sym=False, act_order=True, **CAL)),
+    ("GPTQ W4 g128 act-order + mse", dict(method="gptq", bits=4, group=128, sym=False, act_order=True, mse=True, **CAL)),
     ("AWQ W4 g128", dict(method="awq", bits=4, group=128, **CAL)),
     ("RTN W3 g128 (asym)", dict(method="rtn", bits=3, group=128, sym=False)),
+    ("RTN W3 g128 + mse", dict(method="rtn", bits=3, group=128, sym=False, mse=True)),
     ("GPTQ W3 g128 (asym)", dict(method="gptq", bits=3, group=128, sym=False, **CAL)),
+    ("GPTQ W3 g128 + mse", dict(method="gptq", bits=3, group=128, sym=False, mse=True, **CAL)),
+    ("GPTQ W3 g128 act-order + mse", dict(method="gptq", bits=3, group=128, sym=False, act_order=True, mse=True, **CAL)),
 ]
 NF4_SET = [
     ("NF4 (block 64)", dict(method="nf4", double_quant=False)),
@@ -66,6 +71,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--work", default="/tmp/qconvert-bench")
     ap.add_argument("--model", default="smollm2", choices=list(MODELS))
+    ap.add_argument("--rows", help="regular expression: only the rows whose name it finds")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -76,6 +82,10 @@ def main() -> None:
         qconvert.quantize(source, f32, method="f32")
     sets = {"kquants": KQUANT_SET, "calibrated": CALIBRATED_SET, "nf4": NF4_SET}
     chosen = [row for name, rows in sets.items() if args.set in (name, "all") for row in rows]
+    if args.rows:
+        import re
+
+        chosen = [row for row in chosen if re.search(args.rows, row[0])]
 
     imatrix = work / f"{args.model}.imatrix"
     if any(kw.get("imatrix") for _, kw in chosen) and not imatrix.exists():

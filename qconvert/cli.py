@@ -102,6 +102,7 @@ def quantize(
     damp: float = typer.Option(0.01, "--damp", help="GPTQ: dampening, as a fraction of the mean Hessian diagonal."),
     act_order: bool = typer.Option(False, "--act-order", help="GPTQ: quantize columns by descending Hessian diagonal."),
     static_groups: bool = typer.Option(False, "--static-groups", help="GPTQ: fit group parameters before the updates (with --act-order)."),
+    mse: bool = typer.Option(False, "--mse", help="GPTQ and group-wise rtn: shrink each group's min/max range where that lowers its rounding error (GPTQ's mse option; helps GPTQ at 2-3 bits)."),
     double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="NF4: quantize the block absmax values again (bitsandbytes' compress_statistics)."),
     observer: str = typer.Option("minmax", "--observer", help="w8a8 static activation ranges: minmax, percentile, entropy or mse."),
     smooth: Optional[float] = typer.Option(None, "--smooth", help="w8a8: SmoothQuant migration strength alpha in [0, 1] (e.g. 0.5); llama-family models."),
@@ -134,7 +135,7 @@ def quantize(
             source, output, method=method, bits=bits, group=group, sym=sym, keep=keep,
             tensor_types=tensor_type, revision=revision, imatrix=imatrix, calib=calib, calib_chunks=calib_chunks,
             calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, damp=damp, act_order=act_order,
-            static_groups=static_groups, double_quant=double_quant, progress=progress, observer=observer, smooth=smooth, act_mode=act_mode,
+            static_groups=static_groups, mse=mse, double_quant=double_quant, progress=progress, observer=observer, smooth=smooth, act_mode=act_mode,
             calib_progress=lambda i, n: bar.update(task, description="calibrating", completed=i, total=n),
         )
     types: dict[str, int] = {}

@@ -6,6 +6,8 @@ near the largest tensor, and the container is written atomically.
 
 from __future__ import annotations
 
+import re
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +110,7 @@ def container_metadata(source: Source, recipe: dict, plans: list[TensorPlan]) ->
 
 
 def _encode(plan: TensorPlan, tensor, importance: np.ndarray | None = None, values: np.ndarray | None = None,
-            sym: bool | None = True) -> tuple[np.ndarray, dict]:
+            sym: bool | None = True, mse: bool = False) -> tuple[np.ndarray, dict]:
     """(raw bytes, params) of one tensor in its planned type."""
     if plan.copies_source and values is None:
         return tensor.load_raw(), {}
@@ -125,7 +127,7 @@ def _encode(plan: TensorPlan, tensor, importance: np.ndarray | None = None, valu
         from .methods.calibrated import rtn_encode
 
         bits, group = groupwise
-        return rtn_encode(rows, bits, group, bool(sym)).raw, {}
+        return rtn_encode(rows, bits, group, bool(sym), mse).raw, {}
     return by_name(plan.type_name).quantize_with_params(rows, importance)
 
 
@@ -168,6 +170,7 @@ def quantize(
     damp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
+    mse: bool = False,
     double_quant: bool = True,
     progress: Progress | None = None,
     calib_progress: Callable[[int, int], None] | None = None,
@@ -205,6 +208,10 @@ def quantize(
 
         importance, imatrix_info = imatrix_for_source(source, calib, chunks=calib_chunks, revision=revision)
     recipe = build_recipe(method, mix, r_bits, r_group, r_sym, keep, list(tensor_types), imatrix_info)
+    if mse:
+        if not (method == "gptq" or (method == "rtn" and re.fullmatch(r"i\dg\d+", mix.name))):
+            raise QConvertError("--mse applies to gptq and to group-wise rtn (--bits 2/3 or --group 64/128)")
+        recipe["mse"] = True
     started = time.perf_counter()
     output = Path(output)
     with open_source(str(source), revision=revision) as src:
@@ -234,7 +241,7 @@ def quantize(
 
             encoded, floats, info = run_calibrated(
                 src, method, bits, group, sym, calib, calib_samples, calib_seqlen, seed, damp=damp,
-                act_order=act_order, static_groups=static_groups, progress=calib_progress,
+                act_order=act_order, static_groups=static_groups, mse=mse, progress=calib_progress,
             )
             recipe.update(info)
             recipe["seed"] = seed
@@ -263,7 +270,7 @@ def quantize(
                     raw = encoded.pop(plan.name).raw
                 else:
                     raw, params = _encode(plan, by_tensor[plan.name], importance.get(plan.name),
-                                          floats.get(plan.name), r_sym)
+                                          floats.get(plan.name), r_sym, mse)
                 writer.write(plan.name, raw, extra=params or None)
                 if progress is not None:
                     progress(i + 1, len(plans), plan)

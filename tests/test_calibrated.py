@@ -30,6 +30,7 @@ def made(tmp_path_factory):
     for bits in (3, 4):
         qconvert.quantize(STORIES, d / f"rtn{bits}", method="rtn", bits=bits, group=128, sym=False)
         qconvert.quantize(STORIES, d / f"gptq{bits}", method="gptq", bits=bits, group=128, sym=False, **OPTS)
+    qconvert.quantize(STORIES, d / "gptq3mse", method="gptq", bits=3, group=128, sym=False, mse=True, **OPTS)
     qconvert.quantize(STORIES, d / "awq4", method="awq", bits=4, group=128, **OPTS)
     qconvert.quantize(STORIES, d / "gptq4ao", method="gptq", bits=4, group=32, act_order=True, **OPTS)
     return d
@@ -47,7 +48,18 @@ def test_gptq_and_awq_beat_rtn_at_w4_g128_and_gptq_wins_big_at_w3(made):
     kld = {n: _kld(made, n) for n in ("rtn4", "gptq4", "awq4", "rtn3", "gptq3")}
     assert kld["gptq4"] < kld["rtn4"], kld
     assert kld["awq4"] < kld["rtn4"], kld
+    with qconvert.load(made / "awq4") as c:  # 16 windows of 256: all 4096 tokens fit the search budget
+        assert c.recipe["search_tokens"] == 4096
     assert kld["gptq3"] < 0.7 * kld["rtn3"], kld
+
+
+def test_gptq_with_mse_range_search(made):
+    """--mse: recorded in the recipe, and at 3 bits still far below RTN's KLD."""
+    with qconvert.load(made / "gptq3mse") as c, qconvert.load(made / "gptq3") as plain:
+        assert c.recipe["mse"] is True and plain.recipe["mse"] is False
+        name = "model.layers.0.self_attn.q_proj.weight"
+        assert not np.array_equal(c.raw(name), plain.raw(name))
+    assert _kld(made, "gptq3mse") < 0.7 * _kld(made, "rtn3")
 
 
 def test_groups_that_do_not_divide_the_rows_fall_back_and_are_recorded(made):

@@ -134,6 +134,8 @@ def test_nan_weights_are_refused_and_nothing_is_written(tmp_path):
         ({"tensor_types": ["down_proj"]}, "REGEX=TYPE"),
         ({"tensor_types": ["down_proj=q9_9"]}, "unknown block type 'q9_9'"),
         ({"keep": "("}, "invalid regular expression"),
+        ({"method": "q4_k_m", "mse": True}, "--mse applies to gptq and to group-wise rtn"),
+        ({"bits": 4, "mse": True}, "--mse applies to gptq and to group-wise rtn"),  # rtn 4-bit = Q4_0 blocks
     ],
 )
 def test_wrong_options_are_clear_errors(tiny_hf, tmp_path, kwargs, message):

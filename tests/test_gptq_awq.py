@@ -54,6 +54,40 @@ def test_fit_params_autogptq_semantics():
     np.testing.assert_array_equal(scale, np.float16([4 / 15, 3 / 15, 2 / 15, 6 / 15]).astype(np.float64))
 
 
+def _row_error(x, scale, zero, maxq):
+    return (np.abs(scale[:, None] * (quantize(x, scale[:, None], zero[:, None], maxq) - zero[:, None]) - x) ** 2.4).sum(1)
+
+
+@pytest.mark.parametrize("bits,sym", [(3, False), (4, True), (2, False)])
+def test_mse_range_search_against_brute_force(bits, sym):
+    """--mse: per row, the shrink p = 1 - i/100 (i < 80) of the min/max range with the lowest
+    sum |w' - w|^2.4, first on ties -- checked against a direct loop over every p."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((40, 64)) * 0.02
+    x[::3] = rng.laplace(size=(14, 64)) * 0.02  # heavy tails: shrinking pays there
+    maxq = 2**bits - 1
+    x[5] = np.resize((np.arange(maxq + 1) - 1) * 2.0**-7, 64)  # on the min/max grid: nothing to gain
+    s0, z0 = fit_params(x, bits, sym)
+    s1, z1 = fit_params(x, bits, sym, mse=True)
+    for r in range(x.shape[0]):
+        lo, hi = min(x[r].min(), 0), max(x[r].max(), 0)
+        if sym:
+            hi = max(-lo, hi)
+            lo = -hi if lo < 0 else lo
+        best = None
+        for i in range(80):
+            p = 1 - i / 100
+            s, z = fit_params(np.array([[p * lo, p * hi]]), bits, sym)  # the range's own params
+            e = _row_error(x[r : r + 1], s, z, maxq)[0]
+            if best is None or e < best[0]:
+                best = (e, s[0], z[0])
+        assert (s1[r], z1[r]) == (best[1], best[2]), r
+    e0, e1 = _row_error(x, s0, z0, maxq), _row_error(x, s1, z1, maxq)
+    assert (e1 <= e0).all() and (e1[::3] < e0[::3]).mean() > 0.5 and e1[::3].sum() < 0.95 * e0[::3].sum()
+    if not sym:
+        assert e0[5] == e1[5] == 0 and s1[5] == 2.0**-7 and z1[5] == 1
+
+
 def test_scale_is_fp16_before_integers():
     rng = np.random.default_rng(1)
     W = rng.standard_normal((8, 64)).astype(np.float32)
@@ -82,11 +116,12 @@ def test_hessian_running_average(layer):
     np.testing.assert_allclose(H, 2 * X64.T @ X64 / TOKENS, rtol=1e-12, atol=1e-9)
 
 
-@pytest.mark.parametrize("bits,group,sym", [(4, 128, False), (3, 64, True), (4, -1, False)])
-def test_identity_hessian_equals_rtn(bits, group, sym):
+@pytest.mark.parametrize("bits,group,sym,mse", [(4, 128, False, False), (3, 64, True, False), (4, -1, False, False),
+                                             (3, 64, False, True), (2, 128, True, True)])
+def test_identity_hessian_equals_rtn(bits, group, sym, mse):
     W = np.random.default_rng(2).standard_normal((OUT, IN)).astype(np.float32)
-    r = gptq_quantize(W, np.eye(IN), bits=bits, group=group, sym=sym)
-    q, s, z = rtn_groupwise(W, bits, group, sym)
+    r = gptq_quantize(W, np.eye(IN), bits=bits, group=group, sym=sym, mse=mse)
+    q, s, z = rtn_groupwise(W, bits, group, sym, mse)
     np.testing.assert_array_equal(r.q, q)
     np.testing.assert_array_equal(r.scales, s)
     np.testing.assert_array_equal(r.zeros, z)
@@ -390,3 +425,12 @@ def test_gptq_result_type(layer):
     r = gptq_quantize(W, H, bits=4, group=64)
     assert isinstance(r, GPTQResult)
     assert r.scales.shape == (OUT, 4) and r.zeros.shape == (OUT, 4) and r.scales.dtype == np.float32
+
+
+def test_awq_search_windows_budget():
+    from qconvert.methods.sequential import AWQ_SEARCH_TOKENS, search_windows
+
+    assert AWQ_SEARCH_TOKENS == 4096
+    assert search_windows(32, 512) == 8 and search_windows(16, 256) == 16
+    assert search_windows(4, 512) == 4 and search_windows(3, 5000) == 1 and search_windows(10, 300) == 10
+    assert search_windows(100, 300, budget=1000) == 4

@@ -181,16 +181,28 @@ def scaled_pseudo_quantize(W: np.ndarray, s: np.ndarray, bits: int = 4, group: i
 
 def linear_group_loss(X: np.ndarray, Ws: Sequence[np.ndarray], bits: int = 4, group: int = 128):
     """``evaluate_loss`` for when the inspected module is just the linears sharing input ``X``
-    (tokens, in): MSE of the concatenated outputs ``X Wᵀ`` vs ``X (Q(W·s)/s)ᵀ``."""
+    (tokens, in): MSE of the concatenated outputs ``X Wᵀ`` vs ``X (Q(W·s)/s)ᵀ``.
+
+    With ``D = Q(W·s)/s − W`` the sum of squares over tokens and outputs is ``Σ_o d_oᵀ C d_o``,
+    ``C = XᵀX``: computed through ``C`` (summed over the tokens once, in float64) instead of
+    through the (tokens, out) outputs, which costs ``out·in²`` per candidate instead of
+    ``tokens·in·out`` (a few times less at 8192 tokens) and has no cancellation between two
+    nearly equal outputs.
+    """
     X = np.asarray(X, np.float32).reshape(-1, np.shape(X)[-1])
-    ref = [X @ np.asarray(W, np.float32).T for W in Ws]
-    n_out = sum(r.size for r in ref)
+    C = np.zeros((X.shape[1], X.shape[1]), np.float64)
+    for t0 in range(0, X.shape[0], 8192):
+        x = X[t0 : t0 + 8192].astype(np.float64)
+        C += x.T @ x
+    C = C.astype(np.float32)
+    Ws = [np.asarray(W, np.float32) for W in Ws]
+    n_out = X.shape[0] * sum(W.shape[0] for W in Ws)
 
     def loss(s: np.ndarray) -> float:
         total = 0.0
-        for W, r in zip(Ws, ref):
-            d = (X @ scaled_pseudo_quantize(W, s, bits, group).T - r).astype(np.float64)
-            total += float((d * d).sum())
+        for W in Ws:
+            D = scaled_pseudo_quantize(W, s, bits, group) - W
+            total += float(np.einsum("oi,oi->", D @ C, D, dtype=np.float64))
         return total / n_out
 
     return loss

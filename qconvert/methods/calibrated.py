@@ -53,12 +53,12 @@ def encode_linear(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: in
     return Encoded(type_name(bits, group), raw, params)
 
 
-def rtn_encode(values: np.ndarray, bits: int, group: int, sym: bool) -> Encoded:
+def rtn_encode(values: np.ndarray, bits: int, group: int, sym: bool, mse: bool = False) -> Encoded:
     from .quantizer import rtn_groupwise
 
     g = group_for(values.shape[1], group)
     assert g is not None, "the plan falls back to F16 for rows no group divides"
-    q, scales, zeros = rtn_groupwise(values, bits, g, sym)
+    q, scales, zeros = rtn_groupwise(values, bits, g, sym, mse)
     return encode_linear(q, scales, zeros, bits, None)
 
 
@@ -74,7 +74,7 @@ def _tokenizer_for(source: Source):
 
 def run_calibrated(source: Source, method: str, bits: int, group: int, sym: bool, calib, n_samples: int,
                    seqlen: int, seed: int, damp: float = 0.01, act_order: bool = False,
-                   static_groups: bool = False, progress=None) -> tuple[dict[str, Encoded], dict[str, np.ndarray], dict]:
+                   static_groups: bool = False, mse: bool = False, progress=None) -> tuple[dict[str, Encoded], dict[str, np.ndarray], dict]:
     """Run GPTQ or AWQ; returns (encoded matrices, modified float tensors, recipe info)."""
     from ..calibration import calibration_set
     from . import sequential
@@ -101,10 +101,11 @@ def run_calibrated(source: Source, method: str, bits: int, group: int, sym: bool
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1, user_api="blas"):
-        return _run(source, method, bits, group, sym, calib_set, load, names, damp, act_order, static_groups, progress)
+        return _run(source, method, bits, group, sym, calib_set, load, names, damp, act_order, static_groups, mse,
+                    progress)
 
 
-def _run(source, method, bits, group, sym, calib_set, load, names, damp, act_order, static_groups, progress):
+def _run(source, method, bits, group, sym, calib_set, load, names, damp, act_order, static_groups, mse, progress):
     from . import sequential
 
     hidden = int(source.config["hidden_size"])
@@ -112,12 +113,14 @@ def _run(source, method, bits, group, sym, calib_set, load, names, damp, act_ord
     g_hidden, g_inter = group_for(hidden, group), group_for(inter, group)
     if method == "gptq":
         result = sequential.gptq_model(load, source.config, names, calib_set.tokens, bits, group, sym, damp,
-                                       act_order, static_groups, progress=progress, group_of=group_for)
+                                       act_order, static_groups, mse=mse, progress=progress, group_of=group_for)
     else:
         result = sequential.awq_model(load, source.config, names, calib_set.tokens, bits, group,
                                       progress=progress, group_of=group_for)
     encoded = {n: encode_linear(ql.q, ql.scales, ql.zeros, bits, ql.perm) for n, ql in result.linears.items()}
     info = {"calibration": calib_set.info, "groups_used": sorted({g for g in (g_hidden, g_inter) if g})}
     if method == "gptq":
-        info.update({"damp": damp, "act_order": act_order, "static_groups": static_groups})
+        info.update({"damp": damp, "act_order": act_order, "static_groups": static_groups, "mse": mse})
+    else:
+        info["search_tokens"] = result.stats["search_tokens"]
     return encoded, result.floats, info

@@ -149,6 +149,7 @@ def gptq_quantize(
     block: int = 128,
     act_order: bool = False,
     static_groups: bool = False,
+    mse: bool = False,
 ) -> GPTQResult:
     """GPTQ-quantize ``W`` (out, in) given the Hessian ``H`` (in, in) of its inputs.
 
@@ -180,7 +181,7 @@ def gptq_quantize(
     # 3. static groups: parameters from the unmodified W, in original column order
     if static:
         for k in range(ng):
-            scale_tab[:, k], zero_tab[:, k] = fit_params(W[:, k * g : (k + 1) * g], bits, sym)
+            scale_tab[:, k], zero_tab[:, k] = fit_params(W[:, k * g : (k + 1) * g], bits, sym, mse)
 
     # 4. act-order
     perm = None
@@ -224,7 +225,7 @@ def gptq_quantize(
                     if end > i2:  # the part past the block, with its pending lazy update
                         rest = W[:, i2:end] - Err1[:, :i] @ Hinv[i1 : i1 + i, i2:end]
                         cols = np.concatenate([cols, rest], axis=1)
-                    scale_tab[:, col // g], zero_tab[:, col // g] = fit_params(cols, bits, sym)
+                    scale_tab[:, col // g], zero_tab[:, col // g] = fit_params(cols, bits, sym, mse)
                 _quantize_columns(W1, Hinv1, Err1, Q1, Losses1, scale_tab, zero_tab, gcol, float(maxq), i, stop)
                 i = stop
 

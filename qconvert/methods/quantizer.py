@@ -55,10 +55,12 @@ def round_scale_fp16(scale: np.ndarray) -> np.ndarray:
     return s.astype(np.float16).astype(np.float64)
 
 
-def fit_params(W_group_cols: np.ndarray, bits: int, sym: bool) -> tuple[np.ndarray, np.ndarray]:
+def fit_params(W_group_cols: np.ndarray, bits: int, sym: bool, mse: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero per row of ``W_group_cols`` (rows, cols): AutoGPTQ ``find_params``, fp16 scale.
 
-    Returns ``(scale (rows,) float64 holding fp16 values, zero (rows,) float64 holding integers)``.
+    ``mse=True`` then shrinks the min/max range (:func:`shrink_range`) where that lowers the
+    row's rounding error. Returns ``(scale (rows,) float64 holding fp16 values, zero (rows,)
+    float64 holding integers)``.
     """
     maxq = check_bits(bits)
     x = np.asarray(W_group_cols, dtype=np.float64)
@@ -74,12 +76,48 @@ def fit_params(W_group_cols: np.ndarray, bits: int, sym: bool) -> tuple[np.ndarr
     xmin[empty] = -1.0
     xmax[empty] = 1.0
 
+    scale, zero = _params_for_range(xmin, xmax, maxq, sym)
+    if mse:
+        scale, zero = shrink_range(x, xmin, xmax, scale, zero, maxq, sym)
+    return scale, zero
+
+
+def _params_for_range(xmin: np.ndarray, xmax: np.ndarray, maxq: int, sym: bool) -> tuple[np.ndarray, np.ndarray]:
     scale = round_scale_fp16((xmax - xmin) / maxq)
     if sym:
         zero = np.full_like(scale, (maxq + 1) / 2)
     else:
         zero = np.clip(np.rint(-xmin / scale), 0, maxq)
     return scale, zero
+
+
+MSE_GRID = 100
+MSE_MAX_SHRINK = 0.8
+MSE_NORM = 2.4
+
+
+def shrink_range(x, xmin, xmax, scale, zero, maxq: int, sym: bool):
+    """Range search of GPTQ's reference quantizer (its ``mse`` option): for ``p = 1 - i/100``,
+    ``i = 0 .. 79``, fit the range ``[p·xmin, p·xmax]`` and keep, per row, the ``p`` whose
+    dequantized row has the lowest ``Σ |ŵ − w|^2.4`` (the first on ties; ``p = 1`` is the
+    plain min/max fit, so the result is never worse than it by that measure).
+
+    Clipping a range trades a few large errors on outliers for finer steps on every other
+    weight; at 2-3 bits that trade usually pays. (Plain numpy: its vectorised ``pow`` makes this
+    faster than a scalar numba loop; about 7 ns per weight and candidate.)
+    """
+    best_scale, best_zero = scale.copy(), zero.copy()
+    best_err = np.full(x.shape[0], np.inf)
+    for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
+        p = 1.0 - i / MSE_GRID
+        s, z = (scale, zero) if i == 0 else _params_for_range(p * xmin, p * xmax, maxq, sym)
+        d = dequantize(quantize(x, s[:, None], z[:, None], maxq), s[:, None], z[:, None]) - x
+        err = (np.abs(d) ** MSE_NORM).sum(axis=1)
+        better = err < best_err
+        best_err[better] = err[better]
+        best_scale[better] = s[better]
+        best_zero[better] = z[better]
+    return best_scale, best_zero
 
 
 def quantize(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, maxq: int) -> np.ndarray:
@@ -96,7 +134,7 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray
     return np.asarray(scale, np.float64) * (np.asarray(q, np.float64) - np.asarray(zero, np.float64))
 
 
-def rtn_groupwise(W: np.ndarray, bits: int, group: int, sym: bool):
+def rtn_groupwise(W: np.ndarray, bits: int, group: int, sym: bool, mse: bool = False):
     """Round-to-nearest with one (scale, zero) per row and ``group`` consecutive input columns.
 
     ``W`` is (out, in); the last group may be shorter when ``group`` does not divide ``in``.
@@ -115,7 +153,7 @@ def rtn_groupwise(W: np.ndarray, bits: int, group: int, sym: bool):
     zeros = np.empty((out, ng), np.int32)
     for k in range(ng):
         cols = slice(k * g, min((k + 1) * g, n_in))
-        scale, zero = fit_params(W[:, cols], bits, sym)
+        scale, zero = fit_params(W[:, cols], bits, sym, mse)
         q[:, cols] = quantize(W[:, cols], scale[:, None], zero[:, None], maxq)
         scales[:, k] = scale
         zeros[:, k] = zero

@@ -8,6 +8,11 @@ block i are the outputs of block i-1:
 - AWQ: of the float block i-1, as AutoAWQ does; per block the scales of (input_layernorm ->
   q,k,v), (v -> o, only without GQA), (post_attention_layernorm -> gate,up) and (up -> down)
   are searched on the block's float outputs, folded in, the clip searched, then quantized.
+  The activation statistics use every calibration token; the grid-search losses that need a
+  forward pass of the attention or the MLP per candidate use the first windows holding
+  ``AWQ_SEARCH_TOKENS`` tokens (4096: 8 windows of 512), which bounds AWQ's cost on a CPU
+  whatever ``--calib-samples`` is (the linear-only losses use all tokens: they cost no forward
+  pass, see :func:`..awq.linear_group_loss`).
 
 The block math is a plain float32 numpy transcription of the runtime's llama.py (rotate-half
 RoPE, GQA, RMSNorm, SwiGLU); it returns, per quantized matrix, the integer codes and
@@ -23,10 +28,11 @@ import numpy as np
 
 from ..errors import QConvertError
 from ..runtime.llama import LlamaConfig
-from ..runtime.ops import apply_rope, rms_norm, rope_tables, silu, softmax
+from ..runtime.ops import apply_rope, rms_norm, rope_tables, softmax
 from . import awq as awq_core
 from .gptq import Hessian, gptq_quantize
 
+AWQ_SEARCH_TOKENS = 4096
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -93,7 +99,15 @@ def _attention(h: np.ndarray, blk: _Block, cfg: LlamaConfig, cos: np.ndarray, si
 
 
 def _mlp_hidden(h2: np.ndarray, blk: _Block) -> np.ndarray:
-    return silu(h2 @ blk.W["gate_proj"].T) * (h2 @ blk.W["up_proj"].T)
+    """``silu(h2 Wgᵀ) * (h2 Wuᵀ)``, the same float32 operations as ``ops.silu``, done in place
+    (AWQ evaluates this 20 times per block on every search token)."""
+    g = h2 @ blk.W["gate_proj"].T
+    t = np.negative(g)
+    np.exp(t, out=t)
+    t += np.float32(1.0)
+    np.divide(g, t, out=g)
+    g *= h2 @ blk.W["up_proj"].T
+    return g
 
 
 def _block_forward(x: np.ndarray, blk: _Block, cfg: LlamaConfig, cos, sin) -> np.ndarray:
@@ -121,7 +135,7 @@ def _same_group(in_features: int, group: int) -> int:
 
 def gptq_model(load: Callable[[str], np.ndarray], config: dict, names: set[str], tokens: np.ndarray, bits: int,
                group: int, sym: bool, damp: float, act_order: bool, static_groups: bool,
-               progress: Callable[[int, int], None] | None = None,
+               mse: bool = False, progress: Callable[[int, int], None] | None = None,
                group_of: Callable[[int, int], int] = _same_group) -> SequentialResult:
     """GPTQ every linear of every block, block by block, sub-layer by sub-layer."""
     cfg = _check_llama(config, names)
@@ -136,7 +150,7 @@ def gptq_model(load: Callable[[str], np.ndarray], config: dict, names: set[str],
         if g is None:
             return  # no group size divides the rows: the matrix stays in float
         r = gptq_quantize(blk.W[linear], H.H, bits=bits, group=g, sym=sym, damp=damp,
-                          act_order=act_order, static_groups=static_groups)
+                          act_order=act_order, static_groups=static_groups, mse=mse)
         perm = r.perm if (act_order and not static_groups) else None
         q, g_idx = r.q, r.g_idx
         if perm is not None:
@@ -184,12 +198,14 @@ def awq_model(load: Callable[[str], np.ndarray], config: dict, names: set[str], 
     x = _embed(load, tokens)
     result = SequentialResult()
     ratios = {}
+    n_search = search_windows(N, L)
     for i in range(cfg.n_layers):
         blk = _Block(load, i)
         x_next = _block_forward(x, blk, cfg, cos, sin)  # float outputs feed the next block
         # 1. input_layernorm -> q, k, v; inspected module: attention up to o_proj's output
         h = rms_norm(x, blk.attn_norm, cfg.rms_eps)
-        ref = _attention(h, blk, cfg, cos, sin) @ blk.W["o_proj"].T
+        h_s = h[:n_search]
+        ref = _attention(h_s, blk, cfg, cos, sin) @ blk.W["o_proj"].T
         qkv = ("q_proj", "k_proj", "v_proj")
         g_h = group_of(h.shape[-1], requested)
         if g_h is None:
@@ -197,7 +213,7 @@ def awq_model(load: Callable[[str], np.ndarray], config: dict, names: set[str], 
 
         def attn_loss(s: np.ndarray) -> float:
             trial = _trial_block(blk, {n: awq_core.scaled_pseudo_quantize(blk.W[n], s, bits, g_h) for n in qkv})
-            out = _attention(h, trial, cfg, cos, sin) @ blk.W["o_proj"].T
+            out = _attention(h_s, trial, cfg, cos, sin) @ blk.W["o_proj"].T
             return float(np.mean((out - ref) ** 2))
 
         s = _search(h, [blk.W[n] for n in qkv], g_h, attn_loss, n_grid)
@@ -218,12 +234,13 @@ def awq_model(load: Callable[[str], np.ndarray], config: dict, names: set[str], 
         # 3. post_attention_layernorm -> gate, up; inspected module: the MLP
         x2 = x + att @ blk.W["o_proj"].T
         h2 = rms_norm(x2, blk.mlp_norm, cfg.rms_eps)
-        ref = _mlp_hidden(h2, blk) @ blk.W["down_proj"].T
+        h2_s = h2[:n_search]
+        ref = _mlp_hidden(h2_s, blk) @ blk.W["down_proj"].T
         gu = ("gate_proj", "up_proj")
 
         def mlp_loss(s: np.ndarray) -> float:
             trial = _trial_block(blk, {n: awq_core.scaled_pseudo_quantize(blk.W[n], s, bits, g_h) for n in gu})
-            out = _mlp_hidden(h2, trial) @ blk.W["down_proj"].T
+            out = _mlp_hidden(h2_s, trial) @ blk.W["down_proj"].T
             return float(np.mean((out - ref) ** 2))
 
         s = _search(h2, [blk.W[n] for n in gu], g_h, mlp_loss, n_grid)
@@ -263,8 +280,15 @@ def awq_model(load: Callable[[str], np.ndarray], config: dict, names: set[str], 
         x = x_next
         if progress is not None:
             progress(i + 1, cfg.n_layers)
-    result.stats = {"blocks": cfg.n_layers}
+    result.stats = {"blocks": cfg.n_layers, "search_tokens": n_search * L}
     return result
+
+
+def search_windows(n_windows: int, seqlen: int, budget: int | None = None) -> int:
+    """How many of the first calibration windows AWQ's forward-pass losses use: enough to hold
+    ``budget`` (default ``AWQ_SEARCH_TOKENS``) tokens, at least one, at most all."""
+    budget = AWQ_SEARCH_TOKENS if budget is None else budget
+    return max(1, min(n_windows, -(-budget // seqlen)))
 
 
 def _search(X: np.ndarray, Ws: list[np.ndarray], group: int, loss, n_grid: int) -> np.ndarray:
