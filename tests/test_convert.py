@@ -208,3 +208,18 @@ def test_hub_id_served_from_the_local_cache(tmp_path, monkeypatch):
     qconvert.quantize("someone/tiny", tmp_path / "m.q")
     with qconvert.load(tmp_path / "m.q") as c2:
         assert c2.source["id"] == "someone/tiny" and c2.source["commit"] == "0123abcd"
+
+
+def test_groupwise_rtn_with_mse_range_search(tiny_hf, tmp_path):
+    from qconvert.methods.quantizer import dequantize_groupwise, group_index, rtn_groupwise
+
+    out = tmp_path / "m.q"
+    qconvert.quantize(tiny_hf, out, method="rtn", bits=3, group=32, sym=False, mse=True)
+    name = "model.layers.0.mlp.up_proj.weight"
+    W = tiny_llama_tensors(seed=0, tied=True)[name]
+    with qconvert.load(out) as c:
+        assert c.recipe["mse"] is True and c.info(name).block_type.name == "I3G32"
+        q, s, z = rtn_groupwise(W, 3, 32, False, mse=True)
+        np.testing.assert_array_equal(c.tensor(name), dequantize_groupwise(q, s, z, group_index(W.shape[1], 32)))
+        q0, s0, z0 = rtn_groupwise(W, 3, 32, False)
+        assert not np.array_equal(s, s0)  # the search moved some ranges
