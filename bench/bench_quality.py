@@ -2,7 +2,7 @@
 vs its F32 import.
 
     python bench/bench_quality.py [--set kquants|calibrated|nf4|all] [--model smollm2|stories260k] [--chunks 20]
-        [--rows REGEX]
+        [--rows REGEX] [--seed 0]
 
 Protocol = llama.cpp's llama-perplexity (../shared/reference/BASELINES.md): wiki.test.raw with
 CRLF -> LF, windows of 512 tokens, second halves scored, first --chunks windows; KLD against the
@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/qconvert-bench")
     ap.add_argument("--model", default="smollm2", choices=list(MODELS))
     ap.add_argument("--rows", help="regular expression: only the rows whose name it finds")
+    ap.add_argument("--seed", type=int, default=0, help="calibration sampling seed of the GPTQ/AWQ rows")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -113,7 +114,10 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, kw in chosen:
         kw = {k: (imatrix if v == "IMATRIX" else v) for k, v in kw.items()}
-        path = work / (f"{args.model}." + name.lower().replace(" ", "_").replace("+", "").replace("(", "").replace(")", "") + ".q")
+        if "seed" in kw:
+            kw["seed"] = args.seed
+        path = work / (f"{args.model}." + name.lower().replace(" ", "_").replace("+", "").replace("(", "").replace(")", "")
+                       + (f".seed{args.seed}" if args.seed else "") + ".q")
         t0 = time.perf_counter()
         try:
             qconvert.quantize(source, path, **kw)
