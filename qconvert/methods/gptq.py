@@ -18,6 +18,11 @@ to ``fasterquant``):
    Non-static groups fit (scale, zero) at each group start on the *error-updated* weights.
 8. The permutation is undone; ``g_idx`` maps every input column to its group.
 
+``mse=True`` (GPTQ's ``mse`` option, ``--mse``) makes every group fit, static or at a group
+start, search a shrunk range (:func:`.quantizer.shrink_range`). At 3 bits on SmolLM2 this is
+what lets GPTQ beat round-to-nearest clearly (BENCHMARKS.md): the clipping error of the few
+largest weights is fed back into the columns not yet quantized.
+
 One point where we are exact and AutoGPTQ is not: AutoGPTQ fits a group's parameters on its
 full-matrix copy of ``W``, which does not yet hold the current block's in-block updates, so
 with a group start inside a block (``group`` not a multiple of ``block``, e.g. 32 with 128)
