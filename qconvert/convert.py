@@ -6,7 +6,6 @@ near the largest tensor, and the container is written atomically.
 
 from __future__ import annotations
 
-import re
 
 import time
 from dataclasses import dataclass
@@ -209,7 +208,9 @@ def quantize(
         importance, imatrix_info = imatrix_for_source(source, calib, chunks=calib_chunks, revision=revision)
     recipe = build_recipe(method, mix, r_bits, r_group, r_sym, keep, list(tensor_types), imatrix_info)
     if mse:
-        if not (method == "gptq" or (method == "rtn" and re.fullmatch(r"i\dg\d+", mix.name))):
+        from .blocks.groupwise import parse_type
+
+        if not (method == "gptq" or (method == "rtn" and parse_type(mix.default) is not None)):
             raise QConvertError("--mse applies to gptq and to group-wise rtn (--bits 2/3 or --group 64/128)")
         recipe["mse"] = True
     started = time.perf_counter()
