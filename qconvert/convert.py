@@ -26,7 +26,7 @@ from .sources import Source, open_source
 # f32/f16/bf16 store every matrix in a float type: the unquantized reference that eval
 # compares against (a quantized source such as a Q4_1 GGUF is dequantized into it).
 FLOAT_METHODS = ("f32", "f16", "bf16")
-CALIBRATED_METHODS = ("gptq", "awq")
+from .recipe import CALIBRATED_METHODS  # noqa: E402  (gptq, awq, awq+gptq)
 # bitsandbytes' NF4: 64-weight blocks, absmax double-quantized (default) or kept as f32
 NF4_MIXES = {True: Mix("nf4", "NF4_DQ", 1024), False: Mix("nf4-nodq", "NF4", 1024)}
 # w8a8: int8 weights per channel x int8 activations (static/dynamic), optional SmoothQuant
@@ -76,7 +76,7 @@ def resolve_method(method: str, bits: int, group: int, sym: bool,
 
         check_bits(bits)
         group_for(group, group)
-        return groupwise_mix(bits, group), bits, group, sym if method == "gptq" else False
+        return groupwise_mix(bits, group), bits, group, sym if method.endswith("gptq") else False
     if method in FLOAT_METHODS or method in K_MIXES:
         return MIXES[method], None, None, None
     if method == "nf4":
@@ -202,24 +202,29 @@ def quantize(
         from .imatrix import load_imatrix
 
         importance, imatrix_info = load_imatrix(imatrix)
-    elif calib is not None and not calibrated and method != "w8a8":
-        from .imatrix import imatrix_for_source
-
-        importance, imatrix_info = imatrix_for_source(source, calib, chunks=calib_chunks, revision=revision)
+    wants_imatrix = imatrix is None and calib is not None and not calibrated and method != "w8a8"
     recipe = build_recipe(method, mix, r_bits, r_group, r_sym, keep, list(tensor_types), imatrix_info)
     if mse:
         from .blocks.groupwise import parse_type
 
-        if not (method == "gptq" or (method == "rtn" and parse_type(mix.default) is not None)):
+        if not (method.endswith("gptq") or (method == "rtn" and parse_type(mix.default) is not None)):
             raise QConvertError("--mse applies to gptq and to group-wise rtn (--bits 2/3 or --group 64/128)")
         recipe["mse"] = True
     started = time.perf_counter()
     output = Path(output)
     with open_source(str(source), revision=revision) as src:
+        if wants_imatrix:  # --calib with a K-quant / legacy mix: the importance matrix, in memory
+            from .imatrix import imatrix_for_source
+
+            importance, imatrix_info = imatrix_for_source(src, calib, chunks=calib_chunks, progress=calib_progress)
+            recipe["imatrix"] = imatrix_info
         if importance and not any(t.name in importance for t in src.tensors):
             raise QConvertError("the importance matrix names none of this model's tensors: it was made for another model")
+        from .arch import by_name as arch_by_name
+
+        arch = arch_by_name(src.architecture)
         plans = plan_tensors(
-            src.tensors, src.config, mix, keep=keep, tensor_types=list(tensor_types), has_imatrix=bool(importance)
+            src.tensors, arch, src.config, mix, keep=keep, tensor_types=list(tensor_types), has_imatrix=bool(importance)
         )
         from .sources.prequantized import import_plans, is_prequantized
 
@@ -229,7 +234,7 @@ def quantize(
             raise QConvertError("--method import needs a GPTQ or AWQ checkpoint (config.json with a quantization_config)")
         if prequantized and (importing or default_method):
             importing = True
-            plans = import_plans(plan_tensors(src.tensors, src.config, MIXES["f32"], keep=keep,
+            plans = import_plans(plan_tensors(src.tensors, arch, src.config, MIXES["f32"], keep=keep,
                                               tensor_types=list(tensor_types), has_imatrix=bool(importance)), by_tensor)
             recipe = build_recipe("import", mix, None, None, None, keep, list(tensor_types), imatrix_info)
             recipe.update(mix=None, **src.provenance["quantization"])
@@ -237,24 +242,24 @@ def quantize(
 
             recipe["groups_used"] = sorted({parse_type(p.type_name)[1] for p in plans if p.reason == "imported"})
         encoded, floats = {}, {}
+        # the methods take the matrices the plan left to the mix (not --keep/--tensor-type/output)
+        targets = {p.name for p in plans if p.reason not in ("--keep", "--tensor-type", "output", "float-only")}
         if calibrated:
-            from .methods.calibrated import run_calibrated
+            from .recipe import run_calibrated
 
             encoded, floats, info = run_calibrated(
-                src, method, bits, group, sym, calib, calib_samples, calib_seqlen, seed, damp=damp,
+                src, method, targets, bits, group, sym, calib, calib_samples, calib_seqlen, seed, damp=damp,
                 act_order=act_order, static_groups=static_groups, mse=mse, progress=calib_progress,
             )
             recipe.update(info)
             recipe["seed"] = seed
             plans = [_calibrated_plan(p, encoded, floats) for p in plans]
         elif method == "w8a8":
-            from .methods.w8a8 import run_w8a8
+            from .recipe import run_w8a8
 
-            # the method takes the matrices the plan left to the mix (not --keep/--tensor-type/output)
-            targets = {p.name for p in plans if p.reason not in ("--keep", "--tensor-type", "output", "float-only")}
             encoded, floats, info = run_w8a8(
-                source, src, targets, calib, calib_samples, calib_seqlen, seed, observer=observer, smooth=smooth,
-                act_mode=act_mode, revision=revision, progress=calib_progress,
+                src, targets, calib, calib_samples, calib_seqlen, seed, observer=observer, smooth=smooth,
+                act_mode=act_mode, progress=calib_progress,
             )
             recipe.update(info)
             recipe["seed"] = seed if info["calibration"] is not None else None

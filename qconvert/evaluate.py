@@ -81,6 +81,13 @@ def reference_logprobs(reference, tokens: list[int], ctx: int = 512, chunks: int
 def evaluate(model, tokens: list[int], ctx: int = 512, chunks: int | None = None, bos_id: int | None = None,
              reference=None, progress=None, reference_logp: list[np.ndarray] | None = None) -> EvalResult:
     """``reference`` (a model) or ``reference_logp`` (from :func:`reference_logprobs`) adds KLD."""
+    from .runtime.kernels import blas_threads
+
+    with blas_threads(1):  # numpy's BLAS threads would busy-wait between the numba kernels
+        return _evaluate(model, tokens, ctx, chunks, bos_id, reference, progress, reference_logp)
+
+
+def _evaluate(model, tokens, ctx, chunks, bos_id, reference, progress, reference_logp) -> EvalResult:
     windows = make_windows(tokens, ctx, chunks, bos_id)
     if reference_logp is not None and len(reference_logp) != len(windows):
         raise ValueError("reference_logp does not cover the same windows")

@@ -1,8 +1,9 @@
 """Importance matrix: per weight matrix, the mean of x_j^2 for each input column j over the
 calibration tokens (llama.cpp's imatrix, a diagonal proxy for GPTQ's Hessian X^T X).
 
-Collected by running the calibration text through our own runtime in windows of ``ctx``
-tokens; the output projection is left out, as llama-imatrix does by default. Saved as a
+Collected by the calibration pipeline (``calibrate.py``, the float model layer by layer) on
+the calibration text in windows of ``ctx`` tokens; the output projection is left out, as
+llama-imatrix does by default. Saved as a
 qconvert container: one F32 tensor per weight matrix (same name), plus an ``imatrix``
 metadata entry with the calibration text hash, token and window counts.
 """
@@ -20,51 +21,26 @@ from .errors import QConvertError
 IMATRIX_KEY = "imatrix"
 
 
-def collect_imatrix(container, text: str, ctx: int = 512, chunks: int | None = None, progress=None):
-    """Run ``text`` through the container's model; returns ({name: mean x^2}, info)."""
+def collect_imatrix(model, text: str, ctx: int = 512, chunks: int | None = None, progress=None):
+    """Run ``text`` through ``model`` (an open source or container) layer by layer, in windows
+    of ``ctx`` tokens; returns ({name: mean x^2}, info)."""
     from .evaluate import make_windows
-    from .plan import output_tensor_name
-    from .runtime.models import load_model
-    from .runtime.tokenizer import Tokenizer
-    from .runtime.weights import record_inputs
+    from .recipe import collect_importance, tokenizer_for
+    from .sources.base import Source
+    from .sources.container import source_from_container
 
-    model = load_model(container)
-    if not hasattr(model, "forward"):
-        raise QConvertError("an importance matrix needs a language model (llama or gpt2)")
-    tok = Tokenizer.from_container(container)
+    source = model if isinstance(model, Source) else source_from_container(model)
+    tok = tokenizer_for(source)
     tokens = tok.encode(text, add_bos=False)
     windows = make_windows(tokens, ctx, chunks, tok.bos_id if tok.add_bos_default else None)
-    skip = output_tensor_name(list(container.tensors), container.config)
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-
-    def record(name: str, x: np.ndarray) -> None:
-        if name == skip:
-            return
-        x = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
-        sq = np.einsum("ti,ti->i", x, x)
-        if name in sums:
-            sums[name] += sq
-        else:
-            sums[name] = sq
-        counts[name] = counts.get(name, 0) + x.shape[0]
-
-    record_inputs(record)
-    try:
-        for i, w in enumerate(windows):
-            model.forward(w, model.new_cache(ctx), all_logits=False)
-            if progress is not None:
-                progress(i + 1, len(windows))
-    finally:
-        record_inputs(None)
-    importance = {n: (sums[n] / counts[n]).astype(np.float32) for n in sorted(sums)}
+    importance = collect_importance(source, np.stack(windows), progress)
     info = {
         "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
         "text_chars": len(text),
         "tokens": len(windows) * ctx,
         "ctx": ctx,
         "chunks": len(windows),
-        "model": container.source.get("id"),
+        "model": source.provenance.get("id"),
     }
     return importance, info
 
@@ -97,19 +73,18 @@ def load_imatrix(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     return importance, {**info, "file_sha256": digest}
 
 
-def imatrix_for_source(source: str | Path, calib: str | Path, ctx: int = 512, chunks: int | None = None,
+def imatrix_for_source(source, calib: str | Path, ctx: int = 512, chunks: int | None = None,
                        revision: str | None = None, progress=None) -> tuple[dict[str, np.ndarray], dict]:
-    """Collect an importance matrix for a source checkpoint (via a temporary F32 container)."""
-    import tempfile
-
-    from .convert import quantize
+    """Collect an importance matrix for a source (an open :class:`Source`, or a path / hub id
+    to open), with no temporary model on disk."""
     from .evaluate import read_text
+    from .sources import Source, open_source
 
     text = read_text(calib)
-    with tempfile.TemporaryDirectory(prefix="qconvert-imatrix-") as tmp:
-        ref = Path(tmp) / "f32.q"
-        quantize(source, ref, method="f32", revision=revision)
-        with open_container(ref) as c:
-            importance, info = collect_imatrix(c, text, ctx=ctx, chunks=chunks, progress=progress)
+    if isinstance(source, Source):
+        importance, info = collect_imatrix(source, text, ctx=ctx, chunks=chunks, progress=progress)
+    else:
+        with open_source(str(source), revision=revision) as src:
+            importance, info = collect_imatrix(src, text, ctx=ctx, chunks=chunks, progress=progress)
     info["calibration_file"] = Path(calib).name
     return importance, info

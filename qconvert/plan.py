@@ -20,13 +20,6 @@ from .errors import QConvertError
 from .methods.mixes import Mix, fallback, mix_type, model_shape, output_type
 from .sources.base import SourceTensor
 
-# Never quantized (llama.cpp keeps these in float too).
-_FLOAT_ONLY = re.compile(
-    r"(norm|ln_\d|ln_f|LayerNorm|\.bias$|position_embeddings|token_type_embeddings|\bwpe\b|rotary|inv_freq)"
-)
-_OUTPUT_NAMES = ("lm_head.weight",)
-_TIED_EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight")
-
 
 @dataclass(frozen=True)
 class TensorPlan:
@@ -59,37 +52,29 @@ def _compile(pattern: str, option: str) -> re.Pattern:
         raise QConvertError(f"{option}: invalid regular expression {pattern!r} ({e})") from None
 
 
-def output_tensor_name(names: list[str], config: dict) -> str | None:
-    """The tensor that projects hidden states to logits: lm_head, or the tied embedding."""
-    for n in _OUTPUT_NAMES:
-        if n in names:
-            return n
-    if config.get("tie_word_embeddings", True):
-        for n in _TIED_EMBEDDING_NAMES:
-            if n in names:
-                return n
-    return None
-
-
 def plan_tensors(
     tensors: list[SourceTensor],
+    arch,
     config: dict,
     mix: Mix,
     keep: str | None = None,
     tensor_types: list[str] | None = None,
     has_imatrix: bool = False,
 ) -> list[TensorPlan]:
+    """One plan per tensor; ``arch`` (``qconvert.arch.Arch``) says each tensor's role."""
     keep_re = _compile(keep, "--keep") if keep else None
     overrides = parse_tensor_types(tensor_types or [])
-    output_name = output_tensor_name([t.name for t in tensors], config)
-    shape = model_shape(config)
+    output_name = arch.output_name([t.name for t in tensors], config)
+    cfg = arch.parse_config(config)
+    n_heads = getattr(cfg, "n_heads", 1)
+    shape = model_shape(getattr(cfg, "n_layers", 0), n_heads, getattr(cfg, "n_kv_heads", n_heads))
     plans = []
     for t in tensors:
-        plans.append(_plan_one(t, mix, shape, keep_re, overrides, t.name == output_name, has_imatrix))
+        plans.append(_plan_one(t, arch, mix, shape, keep_re, overrides, t.name == output_name, has_imatrix))
     return plans
 
 
-def _plan_one(t, mix, shape, keep_re, overrides, is_output, has_imatrix) -> TensorPlan:
+def _plan_one(t, arch, mix, shape, keep_re, overrides, is_output, has_imatrix) -> TensorPlan:
     def make(type_name: str, reason: str) -> TensorPlan:
         return TensorPlan(t.name, t.shape, t.dtype, type_name, reason)
 
@@ -105,12 +90,14 @@ def _plan_one(t, mix, shape, keep_re, overrides, is_output, has_imatrix) -> Tens
             return make(block_type.name, "--tensor-type")
     if keep_re is not None and keep_re.search(t.name):
         return make(kept_type, "--keep")
-    if len(t.shape) < 2 or _FLOAT_ONLY.search(t.name):
+    if len(t.shape) < 2 or arch.is_float_only(t.name):
         return make(kept_type, "float-only")
     if is_output:
         target, reason = output_type(mix, t.shape[-1]), "output"
     else:
-        target = mix_type(mix, t.name, shape, has_imatrix)
+        entry = arch.entry(t.name)
+        role, layer = (entry[0].role, entry[1].get("i")) if entry else ("other", None)
+        target = mix_type(mix, role, layer, shape, has_imatrix)
         reason = "default" if target == mix.default else "mix"
     final, why = fallback(target, t.shape[-1])
     return make(final, why or reason)

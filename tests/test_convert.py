@@ -211,7 +211,7 @@ def test_hub_id_served_from_the_local_cache(tmp_path, monkeypatch):
 
 
 def test_groupwise_rtn_with_mse_range_search(tiny_hf, tmp_path):
-    from qconvert.methods.quantizer import dequantize_groupwise, group_index, rtn_groupwise
+    from qconvert.blocks.grid import dequantize_groupwise, group_index, rtn_groupwise
 
     out = tmp_path / "m.q"
     qconvert.quantize(tiny_hf, out, method="rtn", bits=3, group=32, sym=False, mse=True)

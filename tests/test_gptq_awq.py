@@ -8,7 +8,7 @@ import pytest
 from qconvert.errors import QConvertError
 from qconvert.methods import awq
 from qconvert.methods.gptq import GPTQResult, Hessian, gptq_quantize
-from qconvert.methods.quantizer import (
+from qconvert.blocks.grid import (
     dequantize_groupwise,
     fit_params,
     group_index,
@@ -428,7 +428,7 @@ def test_gptq_result_type(layer):
 
 
 def test_awq_search_windows_budget():
-    from qconvert.methods.sequential import AWQ_SEARCH_TOKENS, search_windows
+    from qconvert.steps import AWQ_SEARCH_TOKENS, search_windows
 
     assert AWQ_SEARCH_TOKENS == 4096
     assert search_windows(32, 512) == 8 and search_windows(16, 256) == 16

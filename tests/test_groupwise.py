@@ -22,7 +22,7 @@ import pytest
 from qconvert.blocks import all_types, by_id, by_name
 from qconvert.blocks import groupwise as GW
 from qconvert.errors import QConvertError
-from qconvert.methods.quantizer import rtn_groupwise
+from qconvert.blocks.grid import rtn_groupwise
 from qconvert.runtime import kernels as K
 from qconvert.runtime.kernels import _ir, reference_groupwise as R
 

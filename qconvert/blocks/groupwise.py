@@ -17,7 +17,7 @@ a small integer and ``scale`` an f16, so the product is exact in float32 (<= 9 +
 significant bits): every correct decoder returns the same bits.
 
 Quantize (``quantize_blocks``: plain round-to-nearest, asymmetric, per block; the rule of
-:func:`qconvert.methods.quantizer.fit_params` with ``sym=False``, all arithmetic float64,
+:func:`qconvert.blocks.grid.fit_params` with ``sym=False``, all arithmetic float64,
 ``rint`` = round half to even):
 
     maxq  = 2**bits - 1
@@ -34,10 +34,12 @@ Act-order permutations are not part of the type: a permuted layer stores ``W[:, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from ..errors import QConvertError
-from ..methods.quantizer import fit_params, quantize
+from .grid import fit_params, quantize
 from .registry import BlockType, by_name, register
 
 BITS = (2, 3, 4, 8)
@@ -189,7 +191,7 @@ def pack_groupwise(
     scales: (out, in / group) floats (float16, or float32/float64 holding float16 values);
     zeros: (out, in / group) integers (any integer or float dtype holding integers) in
     0 .. 2**bits - 1. Element (r, c) is ``(q[r, c] - zeros[r, c // group]) * scales[r, c // group]``
-    (the convention of :mod:`qconvert.methods.quantizer`).
+    (the convention of :mod:`qconvert.blocks.grid`).
 
     A scale that float16 cannot hold exactly is a QConvertError unless ``round_scales`` is
     True (then it is rounded to the nearest float16, which changes the weights slightly).
@@ -247,7 +249,7 @@ def unpack_groupwise(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The bytes of an ``I{bits}G{group}`` matrix -> ``(q (out, in) uint8, scales (out, in /
     group) float32, zeros (out, in / group) int32)``: the inverse of :func:`pack_groupwise`
-    (and the types of :func:`qconvert.methods.quantizer.rtn_groupwise`). ``raw``: (out,
+    (and the types of :func:`qconvert.blocks.grid.rtn_groupwise`). ``raw``: (out,
     row_bytes) or flat bytes of whole rows."""
     name = type_name(bits, group)
     ng = _check_shape(int(in_features), group, name)
@@ -299,3 +301,21 @@ __all__ = [
     "type_size",
     "unpack_groupwise",
 ]
+
+
+@dataclass
+class Encoded:
+    """One matrix ready for the container: block type, raw bytes, tensor params."""
+
+    type_name: str
+    raw: np.ndarray
+    params: dict = field(default_factory=dict)
+
+
+def encode_linear(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, perm: np.ndarray | None) -> Encoded:
+    """Integer codes (out, in) in stored column order + per-group scales/zeros -> I{bits}G{group};
+    an act-order permutation goes into the ``input_perm`` param."""
+    group = q.shape[1] // scales.shape[1]
+    raw = pack_groupwise(q, scales, zeros, bits, group)
+    params = {"input_perm": [int(i) for i in perm]} if perm is not None else {}
+    return Encoded(type_name(bits, group), raw, params)

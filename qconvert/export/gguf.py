@@ -30,35 +30,11 @@ ALIGNMENT = 32
 # GGUF value types
 U8, I8, U16, I16, U32, I32, F32, BOOL, STRING, ARRAY, U64, I64, F64 = range(13)
 
-_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-_LAYER = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
 # llama_ftype for a file that is "mostly" one type, when the recipe names no mix
 _FTYPE_OF_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
                   "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "BF16": 32}
 # GGUF tokenizer token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-
-def gguf_name(hf_name: str) -> str:
-    stem, _, suffix = hf_name.rpartition(".")
-    if stem in _GLOBAL:
-        return f"{_GLOBAL[stem]}.{suffix}"
-    parts = stem.split(".")
-    if len(parts) >= 4 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
-        rest = ".".join(parts[3:])
-        if rest in _LAYER:
-            return f"blk.{parts[2]}.{_LAYER[rest]}.{suffix}"
-    raise QConvertError(f"tensor {hf_name!r} has no llama.cpp name; cannot export it to GGUF")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,35 +91,12 @@ def _infer_kv_type(value: Any) -> tuple[int, int | None]:
     raise QConvertError(f"cannot write metadata value of type {type(value).__name__} to GGUF")
 
 
-def _llama_kv(c: Container) -> list[tuple[str, int, Any, int | None]]:
-    cfg = c.config
-    heads = int(cfg["num_attention_heads"])
-    hidden = int(cfg["hidden_size"])
-    rope = cfg.get("rope_parameters") or {}
-    kv = [
-        ("llama.context_length", U32, int(cfg.get("max_position_embeddings", 2048)), None),
-        ("llama.embedding_length", U32, hidden, None),
-        ("llama.block_count", U32, int(cfg["num_hidden_layers"]), None),
-        ("llama.feed_forward_length", U32, int(cfg["intermediate_size"]), None),
-        ("llama.attention.head_count", U32, heads, None),
-        ("llama.attention.head_count_kv", U32, int(cfg.get("num_key_value_heads") or heads), None),
-        ("llama.rope.dimension_count", U32, int(cfg.get("head_dim") or hidden // heads), None),
-        ("llama.rope.freq_base", F32, float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0), None),
-        ("llama.attention.layer_norm_rms_epsilon", F32, float(cfg.get("rms_norm_eps", 1e-6)), None),
-        ("llama.vocab_size", U32, int(cfg["vocab_size"]), None),
-    ]
-    if cfg.get("head_dim") and int(cfg["head_dim"]) != hidden // heads:
-        kv += [("llama.attention.key_length", U32, int(cfg["head_dim"]), None),
-               ("llama.attention.value_length", U32, int(cfg["head_dim"]), None)]
-    scaling = cfg.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind == "linear":
-            kv += [("llama.rope.scaling.type", STRING, "linear", None),
-                   ("llama.rope.scaling.factor", F32, float(scaling["factor"]), None)]
-        elif kind not in (None, "default"):
-            raise QConvertError(f"RoPE scaling {kind!r} cannot be exported to GGUF yet")
-    return kv
+_KINDS = {"u32": U32, "f32": F32, "bool": BOOL, "str": STRING}
+
+
+def _arch_kv(arch, c: Container) -> list[tuple[str, int, Any, int | None]]:
+    """The family's hyper-parameters under llama.cpp's keys (arch/<family>.py's GGUF table)."""
+    return [(key, _KINDS[kind], value, None) for key, kind, value in arch.kv_to_gguf(c.config)]
 
 
 def _tokenizer_kv(c: Container) -> list[tuple[str, int, Any, int | None]]:
@@ -238,13 +191,18 @@ def _tokenizer_kv_from_hf(tok: dict, c: Container) -> list[tuple[str, int, Any, 
 
 def export_gguf(c: Container, output: str | Path, allow_requant: bool = False) -> dict:
     """Write ``c`` as GGUF v3 to ``output`` (atomically). Returns a summary."""
-    if c.architecture != "llama":
-        raise QConvertError(f"GGUF export supports llama-family models; this container is {c.architecture!r}")
-    cfg = c.config
-    heads = int(cfg["num_attention_heads"])
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    from ..arch import by_name as arch_by_name
 
-    plan = []  # (gguf name, container name, type name, requant)
+    if c.architecture == "onnx":
+        raise QConvertError("this container holds an ONNX graph; export it with --to onnx")
+    arch = arch_by_name(c.architecture)
+    if arch.kind != "decoder":
+        raise QConvertError(f"GGUF export supports decoder language models; this container is {c.architecture!r}")
+    cfg = arch.parse_config(c.config)
+
+    # (gguf name, [container names], type name, requant); merged expert tensors list several
+    plan: list[tuple[str, list[str], str, bool]] = []
+    index: dict[str, int] = {}
     type_counts: dict[str, int] = {}
     for name, info in c.tensors.items():
         bt = info.block_type
@@ -257,8 +215,20 @@ def export_gguf(c: Container, output: str | Path, allow_requant: bool = False) -
         type_name = "Q8_0" if requant else bt.name
         if requant and info.shape[-1] % 32:
             type_name = "F16"
-        plan.append((gguf_name(name), name, type_name, requant))
+        gname, expert = arch.gguf_name(name)
+        if expert is not None and gname in index:
+            entry = plan[index[gname]]
+            if entry[2] != type_name or c.tensors[entry[1][0]].shape != info.shape:
+                raise QConvertError(f"experts of {gname} differ in type or shape; llama.cpp stores them as one tensor")
+            entry[1].append(name)
+            continue
+        index[gname] = len(plan)
+        plan.append((gname, [name], type_name, requant))
         type_counts[type_name] = type_counts.get(type_name, 0) + 1
+    extra = {}  # llama.cpp tensors derived from the config (Llama 3's rope_freqs)
+    freqs = arch.rope_freqs(cfg) if arch.rope_freqs is not None else None
+    if freqs is not None:
+        extra["rope_freqs.weight"] = np.asarray(freqs, "<f4")
 
     recipe = c.recipe
     from ..methods.mixes import MIXES
@@ -272,22 +242,27 @@ def export_gguf(c: Container, output: str | Path, allow_requant: bool = False) -
         ftype = _FTYPE_OF_TYPE.get(main, 1024)  # 1024 = LLAMA_FTYPE_GUESSED
 
     kvs: list[tuple[str, int, Any, int | None]] = [
-        ("general.architecture", STRING, "llama", None),
+        ("general.architecture", STRING, arch.gguf_arch, None),
         ("general.name", STRING, str(c.source.get("id") or Path(c.path).stem), None),
         ("general.file_type", U32, ftype, None),
         ("general.quantization_version", U32, 2, None),
         ("general.quantized_by", STRING, f"qconvert {c.metadata.get('qconvert.version')}", None),
     ]
-    kvs += _llama_kv(c)
+    kvs += _arch_kv(arch, c)
     kvs += _tokenizer_kv(c)
 
-    header = bytearray(GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(plan), len(kvs)))
+    def shape_of(names: list[str]) -> tuple[int, ...]:
+        shape = c.tensors[names[0]].shape
+        return (len(names), *shape) if len(names) > 1 or arch.gguf_name(names[0])[1] is not None else shape
+
+    entries = [(g, shape_of(names), type_name) for g, names, type_name, _ in plan]
+    entries += [(g, v.shape, "F32") for g, v in extra.items()]
+    header = bytearray(GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(entries), len(kvs)))
     for key, vtype, value, item in kvs:
         header += _kv(key, vtype, value, item)
     offset = 0
     sizes = []
-    for gname, name, type_name, _ in plan:
-        shape = c.tensors[name].shape
+    for gname, shape, type_name in entries:
         nb = by_name(type_name).nbytes(shape)
         header += _string(gname) + struct.pack("<I", len(shape))
         header += struct.pack(f"<{len(shape)}Q", *reversed(shape))
@@ -296,22 +271,37 @@ def export_gguf(c: Container, output: str | Path, allow_requant: bool = False) -
         offset += (nb + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
     header += b"\0" * (-len(header) % ALIGNMENT)
 
+    def tensor_bytes(gname: str, name: str, type_name: str, requant: bool) -> np.ndarray:
+        info = c.tensors[name]
+        raw = c.raw(name)
+        role = arch.role(name)
+        if requant:
+            raw = by_name(type_name).quantize(c.tensor(name).reshape(-1, info.shape[-1]))
+        offset = arch.gguf_value_offset.get(role)
+        if offset:
+            if info.block_type.name != "F32":
+                raise QConvertError(f"tensor {name} must be F32 to be written as llama.cpp's (1 + w)")
+            raw = (c.tensor(name).astype("<f4") + np.float32(offset)).view(np.uint8)
+        if arch.gguf_permute_qk and role in ("attn_q", "attn_k", "attn_q_bias", "attn_k_bias"):
+            n_head = cfg.n_heads if role.startswith("attn_q") else cfg.n_kv_heads
+            raw = raw.reshape(info.shape[0], -1)[permute_rows(info.shape[0], n_head)]
+        return np.ascontiguousarray(raw).reshape(-1)
+
     output = Path(output)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(header)
-            for (gname, name, type_name, requant), nb in zip(plan, sizes):
-                info = c.tensors[name]
-                raw = c.raw(name)
-                if requant:
-                    raw = by_name(type_name).quantize(c.tensor(name).reshape(-1, info.shape[-1]))
-                if gname.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
-                    n_head = heads if ".attn_q." in gname else kv_heads
-                    raw = raw.reshape(info.shape[0], -1)[permute_rows(info.shape[0], n_head)]
-                data = np.ascontiguousarray(raw).reshape(-1)
-                assert data.size == nb
-                f.write(data.tobytes())
+            for (gname, names, type_name, requant), nb in zip(plan, sizes):
+                written = 0
+                for name in names:
+                    data = tensor_bytes(gname, name, type_name, requant)
+                    f.write(data.tobytes())
+                    written += data.size
+                assert written == nb
+                f.write(b"\0" * (-nb % ALIGNMENT))
+            for (gname, values), nb in zip(extra.items(), sizes[len(plan):]):
+                f.write(values.tobytes())
                 f.write(b"\0" * (-nb % ALIGNMENT))
             f.flush()
             os.fsync(f.fileno())
@@ -319,5 +309,5 @@ def export_gguf(c: Container, output: str | Path, allow_requant: bool = False) -
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"output": str(output), "tensors": len(plan), "types": type_counts, "file_type": ftype,
-            "requantized": [p[1] for p in plan if p[3]], "file_bytes": output.stat().st_size}
+    return {"output": str(output), "tensors": len(entries), "types": type_counts, "file_type": ftype,
+            "requantized": [n for p in plan if p[3] for n in p[1]], "file_bytes": output.stat().st_size}

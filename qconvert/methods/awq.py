@@ -16,7 +16,7 @@ Pure functions over arrays, following AutoAWQ (``awq/quantize/quantizer.py`` ``s
   final integers.
 
 Convention: weights are (out, in) as in torch; activations are (tokens, in). Weights come back
-as float32. As in :mod:`.quantizer`, scales are rounded to fp16 before the integers are chosen
+as float32. As in :mod:`qconvert.blocks.grid`, scales are rounded to fp16 before the integers are chosen
 (``fp16_scales=True``) so that what the container stores dequantizes to what the search saw;
 AutoAWQ gets the same effect by running the whole search in fp16.
 """
@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import QConvertError
-from .quantizer import check_bits, round_scale_fp16
+from ..blocks.grid import check_bits, round_scale_fp16
 
 
 def _group_len(in_features: int, group: int) -> int:

@@ -19,7 +19,7 @@ to ``fasterquant``):
 8. The permutation is undone; ``g_idx`` maps every input column to its group.
 
 ``mse=True`` (GPTQ's ``mse`` option, ``--mse``) makes every group fit, static or at a group
-start, search a shrunk range (:func:`.quantizer.shrink_range`). At 3 bits on SmolLM2 this is
+start, search a shrunk range (:func:`qconvert.blocks.grid.shrink_range`). At 3 bits on SmolLM2 this is
 what lets GPTQ beat round-to-nearest clearly (BENCHMARKS.md): the clipping error of the few
 largest weights is fed back into the columns not yet quantized.
 
@@ -33,7 +33,7 @@ per-channel) both agree. Pass ``block=group`` to reproduce AutoGPTQ for smaller 
 
 Arithmetic is float64 throughout (the Hessian, its inverse and the error feedback are where
 fp32 loses digits). Scales are rounded to fp16 before the integers are chosen (see
-:mod:`.quantizer`). The column loop itself runs in a small numba kernel over output rows:
+:mod:`qconvert.blocks.grid`). The column loop itself runs in a small numba kernel over output rows:
 every step of GPTQ is independent per output row once ``Hinv`` is known.
 """
 
@@ -45,7 +45,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import QConvertError
-from .quantizer import check_bits, dequantize_groupwise, fit_params, n_groups_of
+from ..blocks.grid import check_bits, dequantize_groupwise, fit_params, n_groups_of
 
 
 class Hessian:

@@ -2,8 +2,8 @@
 
 A mix has a default type and bumps the tensors that hurt most when quantized coarsely
 (attn_v, ffn_down, attn_output, the output projection), following
-``llama_tensor_get_type`` in llama.cpp's src/llama-quant.cpp for dense models. Tensors are
-recognised by their Hugging Face names. Rows the chosen type cannot hold fall back as in
+``llama_tensor_get_type`` in llama.cpp's src/llama-quant.cpp. Tensors are recognised by their
+role (llama.cpp's category, from the family's table in ``arch/``) and layer index. Rows the chosen type cannot hold fall back as in
 llama.cpp: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16.
 """
 
@@ -49,31 +49,6 @@ K_MIXES = tuple(n for n in MIXES if "_k" in n)
 
 _FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
-# Hugging Face name -> llama.cpp tensor category
-_CATEGORIES = [
-    ("attn_v", re.compile(r"self_attn\.v_proj\.weight$|attention\.self\.value\.weight$")),
-    ("attn_qkv", re.compile(r"attn\.c_attn\.weight$|self_attn\.qkv_proj\.weight$")),
-    ("attn_k", re.compile(r"self_attn\.k_proj\.weight$|attention\.self\.key\.weight$")),
-    ("attn_q", re.compile(r"self_attn\.q_proj\.weight$|attention\.self\.query\.weight$")),
-    ("attn_output", re.compile(r"self_attn\.o_proj\.weight$|attn\.c_proj\.weight$|attention\.output\.dense\.weight$")),
-    ("ffn_up", re.compile(r"mlp\.up_proj\.weight$|mlp\.c_fc\.weight$|intermediate\.dense\.weight$")),
-    ("ffn_gate", re.compile(r"mlp\.gate_proj\.weight$")),
-    ("ffn_down", re.compile(r"mlp\.down_proj\.weight$|mlp\.c_proj\.weight$|layer\.\d+\.output\.dense\.weight$")),
-]
-_LAYER = re.compile(r"\.(?:layers|h|layer)\.(\d+)\.")
-
-
-def category(name: str) -> str:
-    for cat, pattern in _CATEGORIES:
-        if pattern.search(name):
-            return cat
-    return "other"
-
-
-def layer_index(name: str) -> int | None:
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
-
 
 def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
@@ -85,11 +60,8 @@ class ModelShape:
     n_gqa: int  # attention heads per KV head
 
 
-def model_shape(config: dict) -> ModelShape:
-    n_layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
-    heads = int(config.get("num_attention_heads") or config.get("n_head") or 1)
-    kv = int(config.get("num_key_value_heads") or heads)
-    return ModelShape(n_layers, max(heads // max(kv, 1), 1))
+def model_shape(n_layers: int, n_heads: int, n_kv_heads: int) -> ModelShape:
+    return ModelShape(n_layers, max(n_heads // max(n_kv_heads, 1), 1))
 
 
 def output_type(mix: Mix, row_length: int) -> str:
@@ -103,12 +75,12 @@ def output_type(mix: Mix, row_length: int) -> str:
     return "Q6_K"
 
 
-def mix_type(mix: Mix, name: str, shape: ModelShape, has_imatrix: bool = False) -> str:
-    """The type llama.cpp's mix gives tensor ``name`` (before the row-length fallback)."""
+def mix_type(mix: Mix, role: str, i: int | None, shape: ModelShape, has_imatrix: bool = False) -> str:
+    """The type llama.cpp's mix gives a tensor of ``role`` in layer ``i`` (before the row-length
+    fallback). Expert tensors (``ffn_down_exps`` ...) count as their dense category."""
     if by_name(mix.default).is_float:
         return mix.default
-    cat, f = category(name), mix.name
-    i = layer_index(name)
+    cat, f = role.removesuffix("_exps").removesuffix("_shexp"), mix.name
     n = shape.n_layers
     if cat == "attn_v" or cat == "attn_qkv":
         if cat == "attn_qkv":

@@ -58,6 +58,13 @@ def generate(
     stop_ids: set[int] | frozenset[int] = frozenset(),
     on_token: Callable[[int], None] | None = None,
 ) -> GenerationStats:
+    from .kernels import blas_threads
+
+    with blas_threads(1):  # numpy's BLAS threads would busy-wait between the numba kernels
+        return _generate(model, prompt_ids, max_tokens, temperature, top_k, top_p, seed, stop_ids, on_token)
+
+
+def _generate(model, prompt_ids, max_tokens, temperature, top_k, top_p, seed, stop_ids, on_token) -> GenerationStats:
     if not prompt_ids:
         raise QConvertError("the prompt encodes to no tokens")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:

@@ -51,19 +51,24 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 def rope_tables(positions: np.ndarray, head_dim: int, theta: float, scaling: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin tables (T, head_dim) for HF's rotate-half RoPE."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    if scaling:
-        inv_freq = _scaled_inv_freq(inv_freq, scaling)
-    inv_freq = inv_freq.astype(np.float32)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling).astype(np.float32)
     freqs = positions.astype(np.float32)[:, None] * inv_freq[None, :]
     emb = np.concatenate([freqs, freqs], axis=-1)
     return np.cos(emb), np.sin(emb)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
+    """RoPE's inverse frequencies (head_dim / 2,), float64, after any scaling."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    return _scaled_inv_freq(inv_freq, scaling) if scaling else inv_freq
 
 
 def _scaled_inv_freq(inv_freq: np.ndarray, scaling: dict) -> np.ndarray:
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return inv_freq
+    if kind == "freq_factors":  # llama.cpp's rope_freqs tensor: frequency / factor
+        return inv_freq / np.asarray(scaling["factors"], dtype=np.float64)
     if kind == "linear":
         return inv_freq / float(scaling["factor"])
     if kind == "llama3":

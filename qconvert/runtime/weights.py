@@ -9,16 +9,6 @@ from ..errors import QConvertError
 from . import kernels
 
 
-# While set, every named Linear reports its input here (imatrix collection): (name, x (T, in)).
-_input_recorder = None
-
-
-def record_inputs(recorder) -> None:
-    """Install (or with None remove) a callable ``recorder(name, x)`` fed every Linear input."""
-    global _input_recorder
-    _input_recorder = recorder
-
-
 class Linear:
     """y = W x (+ b) computed on W's packed blocks, straight from the mmap."""
 
@@ -43,8 +33,6 @@ class Linear:
         return self.shape[0]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if _input_recorder is not None and self.name is not None:
-            _input_recorder(self.name, x)
         if self.input_perm is not None:
             x = x[..., self.input_perm]
         y = kernels.linear(self.raw, self.type_name, np.ascontiguousarray(x, dtype=np.float32), aux=self.aux)

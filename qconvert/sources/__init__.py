@@ -19,6 +19,10 @@ def open_source(spec: str, revision: str | None = None) -> Source:
         from .gguf import open_gguf
 
         return open_gguf(path)
+    if path.is_file() and _is_container(path):
+        from .container import open_container_source
+
+        return open_container_source(path)
     if path.suffix.lower() == ".onnx":
         from .onnx import open_onnx
 
@@ -31,3 +35,13 @@ def open_source(spec: str, revision: str | None = None) -> Source:
     from .hf import open_hf
 
     return open_hf(spec, revision=revision)
+
+
+def _is_container(path: Path) -> bool:
+    from ..container.format import MAGIC
+
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False

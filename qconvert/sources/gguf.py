@@ -67,27 +67,8 @@ _GGML_TYPE_NAMES = {
 }
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 
-# GGUF llama tensor name -> HF LlamaForCausalLM name (suffix .weight / .bias kept).
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_LAYER_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
-_GLOBAL_RE = re.compile(r"([a-z_]+)\.(weight|bias)")
-_DERIVED = ("rope_freqs.weight",)  # llama.cpp precomputes it; HF derives it from the config
-SUPPORTED_ARCHITECTURES = ("llama",)
+# llama.cpp precomputes these from the config; HF derives them (read into the config instead)
+_DERIVED = ("rope_freqs.weight",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,95 +305,16 @@ def _parse(r: _Reader) -> tuple[int, dict[str, Any], list[_TensorInfo], int]:
 
 
 # --------------------------------------------------------------------------------------------
-# llama: names, config
+# config: the family's GGUF key table (arch/), plus the tokenizer's special ids
 
 
-def _hf_name(gguf_name: str, n_layers: int) -> str | None:
-    """HF name for a GGUF llama tensor name; None for tensors HF derives (rope_freqs)."""
-    if gguf_name in _DERIVED:
-        return None
-    m = _LAYER_RE.fullmatch(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        layer = int(m.group(1))
-        if layer >= n_layers:
-            raise QConvertError(
-                f"GGUF tensor {gguf_name!r} belongs to layer {layer}, but llama.block_count is {n_layers}"
-            )
-        return f"model.layers.{layer}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-    m = _GLOBAL_RE.fullmatch(gguf_name)
-    if m and m.group(1) in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
-    raise QConvertError(
-        f"GGUF tensor {gguf_name!r} has no Hugging Face llama equivalent; qconvert cannot convert this model yet"
-    )
-
-
-def _arch_int(kv: dict[str, Any], key: str, n_layers: int | None = None, default: int | None = None) -> int:
-    """An integer hyper-parameter; a per-layer array is accepted when all layers agree."""
-    value = kv.get(key, default)
-    if value is None:
-        raise QConvertError(f"GGUF metadata lacks {key!r}, which a llama model needs")
-    if isinstance(value, list):
-        if not all(isinstance(v, int) for v in value):
-            raise QConvertError(f"GGUF metadata {key!r} is an array of non-integers")
-        if not value or len(set(value)) != 1 or (n_layers is not None and len(value) != n_layers):
-            raise QConvertError(
-                f"GGUF metadata {key!r} differs between layers ({value[:8]}...); qconvert supports uniform llama layers only"
-            )
-        value = value[0]
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise QConvertError(f"GGUF metadata {key!r} is {value!r}, not a positive integer")
-    return value
-
-
-def _arch_float(kv: dict[str, Any], key: str, default: float | None = None) -> float:
-    value = kv.get(key, default)
-    if value is None:
-        raise QConvertError(f"GGUF metadata lacks {key!r}, which a llama model needs")
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise QConvertError(f"GGUF metadata {key!r} is {value!r}, not a number")
-    return float(value)
-
-
-def _llama_config(kv: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    a = "llama."
-    n_layers = _arch_int(kv, a + "block_count")
-    hidden = _arch_int(kv, a + "embedding_length")
-    n_head = _arch_int(kv, a + "attention.head_count", n_layers)
-    n_head_kv = _arch_int(kv, a + "attention.head_count_kv", n_layers, default=n_head)
-    head_dim = _arch_int(kv, a + "attention.key_length", default=hidden // n_head)
-    rope_dim = _arch_int(kv, a + "rope.dimension_count", default=head_dim)
-    if rope_dim != head_dim:
-        raise QConvertError(
-            f"GGUF llama model rotates {rope_dim} of {head_dim} head dimensions; partial rotary embeddings are not supported"
-        )
-    if "token_embd.weight" in shapes:
-        vocab = shapes["token_embd.weight"][0]
-    elif isinstance(kv.get("tokenizer.ggml.tokens"), list):
-        vocab = len(kv["tokenizer.ggml.tokens"])
-    else:
-        vocab = _arch_int(kv, a + "vocab_size")
-
-    config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": _arch_int(kv, a + "feed_forward_length", n_layers),
-        "num_hidden_layers": n_layers,
-        "num_attention_heads": n_head,
-        "num_key_value_heads": n_head_kv,
-        "head_dim": head_dim,
-        "max_position_embeddings": _arch_int(kv, a + "context_length"),
-        "rms_norm_eps": _arch_float(kv, a + "attention.layer_norm_rms_epsilon"),
-        "rope_theta": _arch_float(kv, a + "rope.freq_base", 10000.0),
-        "hidden_act": "silu",
-        "attention_bias": "blk.0.attn_q.bias" in shapes,
-        "mlp_bias": "blk.0.ffn_gate.bias" in shapes,
-        "tie_word_embeddings": "output.weight" not in shapes,
-        "torch_dtype": "float32",
-        "qconvert_rope_layout": "rotate_half",
-    }
+def _config(arch, gguf_arch: str, kv: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    config = arch.config_from_gguf(kv, shapes, gguf_arch)
+    for key in ("embedding_length", "block_count", "attention.head_count"):
+        if f"{gguf_arch}.{key}" not in kv:
+            raise QConvertError(f"GGUF metadata lacks {gguf_arch}.{key!r}, which a {gguf_arch} model needs")
+    config.setdefault("torch_dtype", "float32")
+    config["qconvert_rope_layout"] = "rotate_half"
     for key, hf_key in (
         ("bos_token_id", "bos_token_id"),
         ("eos_token_id", "eos_token_id"),
@@ -420,22 +322,19 @@ def _llama_config(kv: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dic
     ):
         if type(kv.get("tokenizer.ggml." + key)) is int:
             config[hf_key] = kv["tokenizer.ggml." + key]
-
-    scaling_type = kv.get(a + "rope.scaling.type")
-    if isinstance(scaling_type, str) and scaling_type not in ("", "none"):
-        rope_scaling: dict[str, Any] = {"rope_type": scaling_type, "type": scaling_type}
-        if a + "rope.scaling.factor" in kv:
-            rope_scaling["factor"] = _arch_float(kv, a + "rope.scaling.factor")
-        if a + "rope.scaling.original_context_length" in kv:
-            rope_scaling["original_max_position_embeddings"] = _arch_int(kv, a + "rope.scaling.original_context_length")
-        if a + "rope.scaling.attn_factor" in kv:
-            rope_scaling["attention_factor"] = _arch_float(kv, a + "rope.scaling.attn_factor")
-        config["rope_scaling"] = rope_scaling
     return config
 
 
 # --------------------------------------------------------------------------------------------
 # the source
+
+
+def _shifted(load: Callable[[], np.ndarray], delta: float) -> Callable[[], np.ndarray]:
+    def read() -> np.ndarray:
+        values = load().view("<f4") + np.float32(delta)
+        return values.astype("<f4").view(np.uint8)
+
+    return read
 
 
 def _sha256(buf: Any) -> str:
@@ -493,13 +392,12 @@ def _open(mm: mmap.mmap, path: Path, size: int) -> Source:
     r = _Reader(mm, path.name)
     version, kv, infos, data_start = _parse(r)
 
-    arch = kv.get("general.architecture")
-    if not isinstance(arch, str):
+    gguf_arch = kv.get("general.architecture")
+    if not isinstance(gguf_arch, str):
         raise QConvertError(f"GGUF file {path.name} has no general.architecture, so its model type is unknown")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise QConvertError(
-            f"GGUF architecture {arch!r} is not supported yet (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
+    from ..arch import by_gguf
+
+    arch = by_gguf(gguf_arch)
     split_count = kv.get("split.count", 1)
     if isinstance(split_count, int) and split_count > 1:
         raise QConvertError(
@@ -509,8 +407,10 @@ def _open(mm: mmap.mmap, path: Path, size: int) -> Source:
     shapes = {info.name: info.shape for info in infos}
     if "token_embd.weight" not in shapes:
         raise QConvertError(f"GGUF file {path.name} has no token_embd.weight tensor")
-    config = _llama_config(kv, shapes)
+    config = _config(arch, gguf_arch, kv, shapes)
+    arch.parse_config(config)  # one clear error for absurd hyper-parameters
     n_layers = config["num_hidden_layers"]
+    n_experts = int(config.get("num_local_experts") or config.get("num_experts") or 0)
 
     def raw_reader(start: int, nbytes: int, rows: np.ndarray | None, row_bytes: int) -> Callable[[], np.ndarray]:
         def load_raw() -> np.ndarray:
@@ -538,16 +438,33 @@ def _open(mm: mmap.mmap, path: Path, size: int) -> Source:
                 f"truncated GGUF file {path.name}: tensor {info.name!r} needs bytes {start} to {start + nbytes}, "
                 f"beyond the end of the file ({size} bytes)"
             )
-        hf_name = _hf_name(info.name, n_layers)
-        if hf_name is None:
+        if info.name in _DERIVED:
             if info.name == "rope_freqs.weight" and block_type.name == "F32":
                 rope_freqs = np.frombuffer(mm, dtype="<f4", count=nbytes // 4, offset=start).tolist()
             continue
+        hf_names = arch.hf_names(info.name, n_experts)
+        if hf_names is None:
+            raise QConvertError(
+                f"GGUF tensor {info.name!r} has no Hugging Face {arch.name} equivalent; qconvert cannot convert this model yet"
+            )
+        layer = arch.layer_of(hf_names[0])
+        if layer is not None and layer >= n_layers:
+            raise QConvertError(f"GGUF tensor {info.name!r} belongs to layer {layer}, but the model has {n_layers} layers")
+        if len(hf_names) > 1:  # llama.cpp's merged expert tensor: (n_experts, rows, cols) -> one per expert
+            if len(info.shape) != 3 or info.shape[0] != len(hf_names):
+                raise QConvertError(f"GGUF tensor {info.name!r} of shape {list(info.shape)} does not hold {len(hf_names)} experts")
+            per = nbytes // len(hf_names)
+            for e, hf_name in enumerate(hf_names):
+                tensors.append(SourceTensor(hf_name, info.shape[1:], block_type.name,
+                                            raw_reader(start + e * per, per, None, 0)))
+            continue
+        hf_name = hf_names[0]
 
         rows = None
         row_bytes = 0
-        if hf_name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
-            n_head = config["num_attention_heads" if ".q_proj." in hf_name else "num_key_value_heads"]
+        role = arch.role(hf_name)
+        if arch.gguf_permute_qk and role in ("attn_q", "attn_k", "attn_q_bias", "attn_k_bias"):
+            n_head = config["num_attention_heads" if role.startswith("attn_q") else "num_key_value_heads"]
             if len(info.shape) == 2:
                 row_bytes = block_type.row_bytes(info.shape[1])
             elif len(info.shape) == 1 and block_type.block_size == 1:
@@ -560,11 +477,19 @@ def _open(mm: mmap.mmap, path: Path, size: int) -> Source:
                 rows = unpermute_rows(info.shape[0], n_head)
             except QConvertError as e:
                 raise QConvertError(f"GGUF tensor {info.name!r}: {e}") from None
-        tensors.append(SourceTensor(hf_name, info.shape, block_type.name, raw_reader(start, nbytes, rows, row_bytes)))
+        load = raw_reader(start, nbytes, rows, row_bytes)
+        offset = arch.gguf_value_offset.get(role)
+        if offset:  # e.g. llama.cpp stores Gemma's norm weights as 1 + w
+            if block_type.name != "F32":
+                raise QConvertError(f"GGUF tensor {info.name!r} should be F32, is {block_type.name}")
+            load = _shifted(load, -offset)
+        tensors.append(SourceTensor(hf_name, info.shape, block_type.name, load))
 
     if rope_freqs is not None:
-        # llama.cpp stores Llama-3.1-style frequency scaling only as this tensor; keep it visible.
+        # llama.cpp stores Llama-3.1-style frequency scaling only as this tensor; the runtime
+        # divides RoPE's frequencies by it (arch/llama.py).
         config["qconvert_rope_freq_factors"] = rope_freqs
+        arch.parse_config(config)
 
     source_types: dict[str, int] = {}
     for t in tensors:
@@ -587,7 +512,7 @@ def _open(mm: mmap.mmap, path: Path, size: int) -> Source:
     }
     return Source(
         kind="gguf",
-        architecture=arch,
+        architecture=arch.name,
         config=config,
         tensors=tensors,
         tokenizer_json=tokenizer_json if isinstance(tokenizer_json, str) else None,

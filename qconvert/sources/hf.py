@@ -21,21 +21,9 @@ import numpy as np
 from ..errors import QConvertError
 from .base import Source, SourceTensor
 
-# Architectures whose weights qconvert knows how to classify (and, later, run).
-SUPPORTED_MODEL_TYPES = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "smollm": "llama",
-    "gpt2": "gpt2",
-    "bert": "bert",
-}
-
 _FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}  # bytes per element
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
-_GPT2_CONV1D = re.compile(r"(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
-_GPT2_MASK_BUFFER = re.compile(r"(^|\.)attn\.(masked_)?bias$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -165,15 +153,13 @@ def open_hf(spec: str, revision: str | None = None, hash_files: bool = True) -> 
     collector = Collector(prequant) if prequant is not None else None
     if prequant is not None:  # kept in the provenance; the container's weights are not in that format
         config = {k: v for k, v in config.items() if k != "quantization_config"}
-    model_type = str(config.get("model_type", ""))
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise QConvertError(
-            f"unknown architecture {model_type or '(no model_type in config.json)'!r};"
-            f" supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
-        )
+    from ..arch import by_model_type
 
-    if model_type == "gpt2":
-        config = {**config, "qconvert_conv1d_transposed": True}  # see _GPT2_CONV1D below
+    model_type = str(config.get("model_type", ""))
+    arch = by_model_type(model_type)
+    arch.parse_config(config)  # one clear error for absurd hyper-parameters, before any work
+    if arch.hf_transposed is not None:
+        config = {**config, "qconvert_conv1d_transposed": True}  # see arch.hf_transposed below
     index_path = folder / "model.safetensors.index.json"
     if index_path.is_file():
         try:
@@ -212,12 +198,12 @@ def open_hf(spec: str, revision: str | None = None, hash_files: bool = True) -> 
             if name in seen:
                 raise QConvertError(f"tensor {name!r} appears in more than one shard")
             seen.add(name)
-            if model_type == "gpt2" and _GPT2_MASK_BUFFER.search(name):
-                continue  # causal-mask buffers of old GPT-2 checkpoints, not weights
+            if arch.hf_skip is not None and arch.hf_skip.search(name):
+                continue  # buffers such as old GPT-2 checkpoints' causal masks, not weights
             dtypes[dtype] = dtypes.get(dtype, 0) + 1
             load = lambda f=f, name=name: f.read(name)  # noqa: E731
-            if model_type == "gpt2" and _GPT2_CONV1D.search(name) and len(shape) == 2:
-                # GPT-2's Conv1D stores (in, out); the container stores (out, in) like every Linear.
+            if arch.hf_transposed is not None and arch.hf_transposed.search(name) and len(shape) == 2:
+                # e.g. GPT-2's Conv1D stores (in, out); the container stores (out, in) like every Linear.
                 load = _transposed(load, shape, _FLOAT_DTYPES[dtype])
                 shape = (shape[1], shape[0])
             tensors.append(SourceTensor(name, shape if shape else (1,), dtype, load))
@@ -263,7 +249,7 @@ def open_hf(spec: str, revision: str | None = None, hash_files: bool = True) -> 
         provenance["quantization_config"] = prequant.config
     return Source(
         kind="hf",
-        architecture=SUPPORTED_MODEL_TYPES[model_type],
+        architecture=arch.name,
         config=config,
         tensors=tensors,
         tokenizer_json=tokenizer_json,

@@ -328,7 +328,7 @@ def _block_group(counts: np.ndarray, in_f: int, prefix: str, what: str) -> int:
 def _encode(prefix: str, q_io: np.ndarray, zeros: np.ndarray, scales: np.ndarray, gidx: np.ndarray,
             bits: int, g: int, perm: np.ndarray | None):
     """q (in, out), zeros/scales (groups, out), gidx (in,) -> Encoded with columns in stored order."""
-    from ..methods.calibrated import encode_linear
+    from ..blocks.groupwise import encode_linear
 
     q = q_io.T  # (out, in)
     order = perm if perm is not None else np.arange(q.shape[1])

@@ -13,13 +13,40 @@ Linear here.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import QConvertError
-from .ops import gelu_erf, gelu_tanh, layer_norm, softmax
-from .weights import Weights
+from ..runtime.ops import gelu_erf, gelu_tanh, layer_norm, softmax
+from ..runtime.weights import Weights
+from .base import MAX_HEADS, MAX_HIDDEN, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, Arch, T, cfg_float, cfg_int
+
+# GPT2LMHeadModel names carry "transformer."; GPT2Model's do not (Arch.hf_prefixes).
+TENSORS = (
+    T("wte.weight", "token_embd.weight", "token_embd"),
+    T("wpe.weight", "position_embd.weight", "pos_embd"),
+    T("ln_f.weight", "output_norm.weight", "output_norm"),
+    T("ln_f.bias", "output_norm.bias", "output_norm_bias"),
+    T("lm_head.weight", "output.weight", "output"),
+    T("h.{i}.ln_1.weight", "blk.{i}.attn_norm.weight", "attn_norm"),
+    T("h.{i}.ln_1.bias", "blk.{i}.attn_norm.bias", "attn_norm_bias"),
+    T("h.{i}.attn.c_attn.weight", "blk.{i}.attn_qkv.weight", "attn_qkv"),
+    T("h.{i}.attn.c_attn.bias", "blk.{i}.attn_qkv.bias", "attn_qkv_bias"),
+    T("h.{i}.attn.c_proj.weight", "blk.{i}.attn_output.weight", "attn_output"),
+    T("h.{i}.attn.c_proj.bias", "blk.{i}.attn_output.bias", "attn_output_bias"),
+    T("h.{i}.ln_2.weight", "blk.{i}.ffn_norm.weight", "ffn_norm"),
+    T("h.{i}.ln_2.bias", "blk.{i}.ffn_norm.bias", "ffn_norm_bias"),
+    T("h.{i}.mlp.c_fc.weight", "blk.{i}.ffn_up.weight", "ffn_up"),
+    T("h.{i}.mlp.c_fc.bias", "blk.{i}.ffn_up.bias", "ffn_up_bias"),
+    T("h.{i}.mlp.c_proj.weight", "blk.{i}.ffn_down.weight", "ffn_down"),
+    T("h.{i}.mlp.c_proj.bias", "blk.{i}.ffn_down.bias", "ffn_down_bias"),
+)
+# HF GPT-2 stores these Conv1D weights (in, out); the container stores (out, in) like every Linear.
+CONV1D = re.compile(r"(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+# causal-mask buffers of old GPT-2 checkpoints, not weights
+BUFFERS = re.compile(r"(^|\.)attn\.(masked_)?bias$")
 
 _ACTIVATIONS = {"gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh, "gelu": gelu_erf}
 
@@ -34,6 +61,14 @@ class GPT2Config:
     eps: float
     activation: str
 
+    @property
+    def n_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def n_heads(self) -> int:
+        return self.n_head
+
     @classmethod
     def from_hf(cls, cfg: dict) -> "GPT2Config":
         act = cfg.get("activation_function", "gelu_new")
@@ -41,13 +76,16 @@ class GPT2Config:
             raise QConvertError(f"GPT-2 activation {act!r} is not supported by the runtime")
         if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("reorder_and_upcast_attn"):
             raise QConvertError("GPT-2 variants with per-layer attention scaling are not supported by the runtime")
+        n_embd, n_head = cfg_int(cfg, "n_embd", hi=MAX_HIDDEN), cfg_int(cfg, "n_head", hi=MAX_HEADS)
+        if n_embd % n_head:
+            raise QConvertError(f"n_head {n_head} does not divide n_embd {n_embd}")
         return cls(
-            vocab_size=int(cfg["vocab_size"]),
-            n_embd=int(cfg["n_embd"]),
-            n_layer=int(cfg["n_layer"]),
-            n_head=int(cfg["n_head"]),
-            max_positions=int(cfg.get("n_positions", 1024)),
-            eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+            vocab_size=cfg_int(cfg, "vocab_size", hi=MAX_VOCAB),
+            n_embd=n_embd,
+            n_layer=cfg_int(cfg, "n_layer", hi=MAX_LAYERS),
+            n_head=n_head,
+            max_positions=cfg_int(cfg, "n_positions", 1024, hi=MAX_POSITIONS),
+            eps=cfg_float(cfg, "layer_norm_epsilon", 1e-5),
             activation=act,
         )
 
@@ -113,3 +151,12 @@ class GPT2:
         cache.length = S
         x = layer_norm(x if all_logits else x[-1:], *self.ln_f, cfg.eps)
         return self.lm_head(x)
+
+
+def _runtime(weights: Weights, config: dict) -> GPT2:
+    return GPT2(Weights(weights.c, prefixes=("transformer.", "")), config)
+
+
+ARCH = Arch(name="gpt2", model_types=("gpt2",), gguf_arch="gpt2", tensors=TENSORS, parse_config=GPT2Config.from_hf,
+            kind="custom", runtime=_runtime, hf_prefixes=("transformer.", ""), layer_prefix="h.{i}.",
+            hf_transposed=CONV1D, hf_skip=BUFFERS)

@@ -14,8 +14,37 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import QConvertError
-from .ops import gelu_erf, gelu_tanh, layer_norm, softmax
-from .weights import Weights
+from ..runtime.ops import gelu_erf, gelu_tanh, layer_norm, softmax
+from ..runtime.weights import Weights
+from .base import MAX_HEADS, MAX_HIDDEN, MAX_LAYERS, MAX_POSITIONS, Arch, T, cfg_float, cfg_int
+
+# BertModel names; BertFor* checkpoints prefix them with "bert." (Arch.hf_prefixes).
+_A = "encoder.layer.{i}.attention."
+TENSORS = (
+    T("embeddings.word_embeddings.weight", "token_embd.weight", "token_embd"),
+    T("embeddings.position_embeddings.weight", "position_embd.weight", "pos_embd"),
+    T("embeddings.token_type_embeddings.weight", "token_types.weight", "token_types"),
+    T("embeddings.LayerNorm.weight", "token_embd_norm.weight", "token_embd_norm"),
+    T("embeddings.LayerNorm.bias", "token_embd_norm.bias", "token_embd_norm_bias"),
+    T(_A + "self.query.weight", "blk.{i}.attn_q.weight", "attn_q"),
+    T(_A + "self.query.bias", "blk.{i}.attn_q.bias", "attn_q_bias"),
+    T(_A + "self.key.weight", "blk.{i}.attn_k.weight", "attn_k"),
+    T(_A + "self.key.bias", "blk.{i}.attn_k.bias", "attn_k_bias"),
+    T(_A + "self.value.weight", "blk.{i}.attn_v.weight", "attn_v"),
+    T(_A + "self.value.bias", "blk.{i}.attn_v.bias", "attn_v_bias"),
+    T(_A + "output.dense.weight", "blk.{i}.attn_output.weight", "attn_output"),
+    T(_A + "output.dense.bias", "blk.{i}.attn_output.bias", "attn_output_bias"),
+    T(_A + "output.LayerNorm.weight", "blk.{i}.attn_output_norm.weight", "attn_output_norm"),
+    T(_A + "output.LayerNorm.bias", "blk.{i}.attn_output_norm.bias", "attn_output_norm_bias"),
+    T("encoder.layer.{i}.intermediate.dense.weight", "blk.{i}.ffn_up.weight", "ffn_up"),
+    T("encoder.layer.{i}.intermediate.dense.bias", "blk.{i}.ffn_up.bias", "ffn_up_bias"),
+    T("encoder.layer.{i}.output.dense.weight", "blk.{i}.ffn_down.weight", "ffn_down"),
+    T("encoder.layer.{i}.output.dense.bias", "blk.{i}.ffn_down.bias", "ffn_down_bias"),
+    T("encoder.layer.{i}.output.LayerNorm.weight", "blk.{i}.layer_output_norm.weight", "layer_output_norm"),
+    T("encoder.layer.{i}.output.LayerNorm.bias", "blk.{i}.layer_output_norm.bias", "layer_output_norm_bias"),
+    T("pooler.dense.weight", None, "pooler"),
+    T("pooler.dense.bias", None, "pooler_bias"),
+)
 
 _ACTIVATIONS = {"gelu": gelu_erf, "gelu_new": gelu_tanh}
 
@@ -36,12 +65,15 @@ class BertConfig:
             raise QConvertError(f"BERT activation {act!r} is not supported by the runtime")
         if cfg.get("position_embedding_type", "absolute") != "absolute":
             raise QConvertError("only absolute position embeddings are supported for BERT")
+        hidden, n_heads = cfg_int(cfg, "hidden_size", hi=MAX_HIDDEN), cfg_int(cfg, "num_attention_heads", hi=MAX_HEADS)
+        if hidden % n_heads:
+            raise QConvertError(f"num_attention_heads {n_heads} does not divide hidden_size {hidden}")
         return cls(
-            hidden_size=int(cfg["hidden_size"]),
-            n_layers=int(cfg["num_hidden_layers"]),
-            n_heads=int(cfg["num_attention_heads"]),
-            max_positions=int(cfg.get("max_position_embeddings", 512)),
-            eps=float(cfg.get("layer_norm_eps", 1e-12)),
+            hidden_size=hidden,
+            n_layers=cfg_int(cfg, "num_hidden_layers", hi=MAX_LAYERS),
+            n_heads=n_heads,
+            max_positions=cfg_int(cfg, "max_position_embeddings", 512, hi=MAX_POSITIONS),
+            eps=cfg_float(cfg, "layer_norm_eps", 1e-12),
             activation=act,
         )
 
@@ -97,3 +129,11 @@ class Bert:
         """Sentence embedding: mean of the last hidden states (L2-normalised by default)."""
         e = self.hidden_states(ids).mean(axis=0)
         return e / np.linalg.norm(e) if normalize else e
+
+
+def _runtime(weights: Weights, config: dict) -> Bert:
+    return Bert(Weights(weights.c, prefixes=("", "bert.")), config)
+
+
+ARCH = Arch(name="bert", model_types=("bert",), gguf_arch="bert", tensors=TENSORS, parse_config=BertConfig.from_hf,
+            kind="encoder", runtime=_runtime, hf_prefixes=("bert.", ""), layer_prefix="encoder.layer.{i}.")

@@ -1,0 +1,58 @@
+"""Architectures: one file per family, one line per architecture in :data:`ARCHITECTURES`.
+
+Everything qconvert knows about a model family -- config validation, tensor names (Hugging
+Face <-> GGUF), tensor roles, which linears share an input, the block's forward -- lives in its
+file here; the sources, the plan, the methods, the runtime and the exporters ask this registry.
+"""
+
+from __future__ import annotations
+
+from ..errors import QConvertError
+from .base import Arch, Context, InputGroup, KVCache, Layer, T
+
+from . import bert, gpt2  # noqa: E402
+from .llama import LLAMA, QWEN2  # noqa: E402
+from .qwen3 import QWEN3  # noqa: E402
+
+ARCHITECTURES: tuple[Arch, ...] = (
+    LLAMA,
+    QWEN2,
+    QWEN3,
+    gpt2.ARCH,
+    bert.ARCH,
+)
+
+__all__ = ["ARCHITECTURES", "Arch", "Context", "InputGroup", "KVCache", "Layer", "T", "by_gguf", "by_model_type",
+           "by_name", "supported_model_types"]
+
+
+def by_name(name: str) -> Arch:
+    """The architecture a container's ``model.architecture`` names."""
+    for a in ARCHITECTURES:
+        if a.name == name:
+            return a
+    raise QConvertError(f"unknown architecture {name!r}; supported: {', '.join(a.name for a in ARCHITECTURES)}")
+
+
+def by_model_type(model_type: str) -> Arch:
+    """The architecture for a Hugging Face config.json ``model_type``."""
+    for a in ARCHITECTURES:
+        if model_type in a.model_types:
+            return a
+    raise QConvertError(
+        f"unknown architecture {model_type or '(no model_type in config.json)'!r}; supported: {', '.join(supported_model_types())}"
+    )
+
+
+def by_gguf(gguf_arch: str) -> Arch:
+    """The architecture for a GGUF ``general.architecture``."""
+    for a in ARCHITECTURES:
+        if gguf_arch == a.gguf_arch or gguf_arch in a.gguf_archs_read:
+            return a
+    raise QConvertError(
+        f"GGUF architecture {gguf_arch!r} is not supported yet (supported: {', '.join(sorted({a.gguf_arch for a in ARCHITECTURES}))})"
+    )
+
+
+def supported_model_types() -> list[str]:
+    return sorted({t for a in ARCHITECTURES for t in a.model_types})
