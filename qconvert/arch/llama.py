@@ -249,8 +249,6 @@ def config_from_gguf(kv: dict, shapes: dict, config: dict) -> None:
         if f"{arch}.rope.scaling.factor" in kv:
             scaling["factor"] = float(kv[f"{arch}.rope.scaling.factor"])
         config["rope_scaling"] = scaling
-    if config.get("sliding_window") and config["model_type"] != "mistral":
-        config.pop("sliding_window")
 
 
 def _arch(name: str, model_types: tuple[str, ...], gguf_arch: str, permute: bool, hf_arch: str,
