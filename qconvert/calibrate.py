@@ -149,8 +149,9 @@ STREAM_WINDOWS = 8  # windows per block call when every step streams (bounds the
 
 
 def run_pipeline(arch: Arch, config: dict, load: Callable[[str], np.ndarray], names: Sequence[str],
-                 tokens: np.ndarray, steps: Sequence[Step], progress: Callable[[int, int], None] | None = None) -> None:
-    """Feed ``tokens`` (N, L) through every block of the model, calling ``steps``' hooks."""
+                 tokens: np.ndarray, steps: Sequence[Step], progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Feed ``tokens`` (N, L) through every block of the model, calling ``steps``' hooks;
+    returns the last block's output (N, L, H)."""
     if arch.kind != "decoder" or arch.block is None:
         raise QConvertError(f"calibration runs decoder language models; {arch.name} is not one")
     cfg = arch.parse_config(config)
@@ -183,3 +184,4 @@ def run_pipeline(arch: Arch, config: dict, load: Callable[[str], np.ndarray], na
                 raise QConvertError(f"the calibration activations overflowed after layer {i}")
             if progress is not None:
                 progress(i + 1, cfg.n_layers)
+    return x

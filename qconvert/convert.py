@@ -8,7 +8,6 @@ from __future__ import annotations
 
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,7 +19,7 @@ from .container import ContainerWriter, TensorSpec
 from .errors import QConvertError
 from .methods.mixes import K_MIXES, MIXES, Mix, groupwise_mix
 from .methods.rtn import rtn_mix
-from .plan import TensorPlan, plan_tensors
+from .plan import ConvertResult, TensorPlan, plan_tensors
 from .sources import Source, open_source
 
 # f32/f16/bf16 store every matrix in a float type: the unquantized reference that eval
@@ -34,14 +33,6 @@ METHODS = ("rtn", *CALIBRATED_METHODS, "nf4", *FLOAT_METHODS, *K_MIXES, "w8a8")
 
 # Called after each tensor: (index, total, plan).
 Progress = Callable[[int, int, TensorPlan], None]
-
-
-@dataclass
-class ConvertResult:
-    output: Path
-    plans: list[TensorPlan]
-    seconds: float
-    source: dict[str, Any]
 
 
 def build_recipe(method: str, mix: Mix, bits: int | None, group: int | None, sym: bool | None, keep: str | None,

@@ -14,11 +14,23 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from .blocks import BlockType, by_name
 from .errors import QConvertError
 from .methods.mixes import Mix, fallback, mix_type, model_shape, output_type
 from .sources.base import SourceTensor
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion wrote: the output path, every tensor's plan, the time, the provenance."""
+
+    output: Path
+    plans: list["TensorPlan"]
+    seconds: float
+    source: dict[str, Any]
 
 
 @dataclass(frozen=True)

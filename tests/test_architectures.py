@@ -179,3 +179,95 @@ def test_gguf_export_names_and_round_trip(built):
     with qconvert.load(d / "f32.q") as a, qconvert.load(d / "from-gguf.q") as b:
         ma, mb = load_model(a), load_model(b)
         np.testing.assert_allclose(mb.forward(ids, mb.new_cache(64)), ma.forward(ids, ma.new_cache(64)), atol=1e-5)
+
+
+def _pipeline_inputs(d: Path):
+    from qconvert.arch import by_name
+    from qconvert.recipe import source_loader
+    from qconvert.sources import open_source
+
+    src = open_source(str(d / "hf"))
+    load, names = source_loader(src, "the test")
+    arch = by_name(src.architecture)
+    tokens = np.random.default_rng(3).integers(3, VOCAB, (3, 32))
+    return src, arch, load, names, tokens
+
+
+@pytest.mark.parametrize("step", ["awq_scale", "smooth"])
+def test_scale_folds_leave_the_float_model_unchanged(built, step):
+    """AWQ's and SmoothQuant's scales, folded into each input group's producer (a norm, with
+    Gemma's (1 + w) where it applies, or a linear), change no float output."""
+    from qconvert.calibrate import run_pipeline
+    from qconvert.methods.calibrated import group_for
+    from qconvert.steps import AwqScale, Smooth
+
+    name, d, _ = built
+    src, arch, load, names, tokens = _pipeline_inputs(d)
+    with src:
+        targets = {n for n in names if arch.layer_of(n) is not None and len(load(n).shape) == 2
+                   and not arch.is_float_only(n)}
+        plain = run_pipeline(arch, src.config, load, names, tokens, [])
+        s = AwqScale(targets, 4, 32, group_for) if step == "awq_scale" else Smooth(targets, 0.5, True)
+        folded = run_pipeline(arch, src.config, load, names, tokens, [s])
+    assert np.abs(folded - plain).max() <= 1e-4 * max(1.0, np.abs(plain).max())
+    if step == "smooth":
+        assert s.scales and all(v.std() > 0 for v in s.scales.values())
+
+
+def test_input_groups_are_applied_together(built):
+    """Each input group the family declares (for scale folding) is one call of the block on
+    one input, and its producer exists."""
+    from qconvert.arch import Context
+    from qconvert.calibrate import FloatLayer, LayerRun
+
+    name, d, _ = built
+    src, arch, load, names, tokens = _pipeline_inputs(d)
+    with src:
+        cfg = arch.parse_config(src.config)
+        layer = FloatLayer(arch, load, set(names), 0)
+        x = load(next(n for n in names if arch.role(n) == "token_embd"))[tokens]
+        run = LayerRun(arch, cfg, layer, x, Context(tokens.shape[1]))
+        inputs = run.capture()
+        groups = arch.input_groups(cfg, 0)
+        assert groups
+        for g in groups:
+            assert g.prev is None or layer.has(g.prev), g.prev
+            present = [n for n in g.linears if n in inputs]
+            assert present, g
+            assert all(inputs[n] is inputs[present[0]] for n in present), g
+
+
+@pytest.mark.parametrize("method,extra", [("gptq", {}), ("awq", {}), ("awq+gptq", {}), ("w8a8", {"smooth": 0.5}),
+                                          ("q4_k_m", {"calib": "builtin"})])
+def test_calibration_writes_no_temporary_model(tmp_path, tokenizer_json, monkeypatch, method, extra):
+    """GPTQ, AWQ, their composition, W8A8 and the importance matrix (--calib) calibrate on the
+    open source: one container is written (the output), no temporary directory is made."""
+    import tempfile
+
+    from qconvert import convert
+    from qconvert.calibration import BUILTIN_CALIBRATION
+
+    make_model("llama", tmp_path / "hf", tokenizer_json)
+    written = []
+    real_writer = convert.ContainerWriter
+
+    def counting_writer(path, *a, **k):
+        written.append(Path(path))
+        return real_writer(path, *a, **k)
+
+    def refuse(*a, **k):
+        raise AssertionError("a temporary file or directory was made")
+
+    monkeypatch.setattr(convert, "ContainerWriter", counting_writer)
+    for fn in ("TemporaryDirectory", "mkdtemp", "mkstemp", "NamedTemporaryFile"):
+        monkeypatch.setattr(tempfile, fn, refuse)
+    opts = {k: (BUILTIN_CALIBRATION if v == "builtin" else v) for k, v in extra.items()}
+    bits = {"q4_k_m": None, "w8a8": None}.get(method, 4)
+    qconvert.quantize(tmp_path / "hf", tmp_path / "out.q", method=method, bits=bits, group=32 if bits else None,
+                      calib_samples=4, calib_seqlen=64, calib_chunks=2, **opts)
+    assert written == [tmp_path / "out.q"]
+    with qconvert.load(tmp_path / "out.q") as c:
+        if method == "awq+gptq":
+            assert c.recipe["steps"] == ["awq_scale", "gptq"]
+        if method == "q4_k_m":
+            assert c.recipe["imatrix"]["chunks"] == 2

@@ -84,7 +84,7 @@ def test_act_order_container_stores_a_permutation_the_runtime_applies(made):
         original = np.empty_like(stored)
         original[:, perm] = stored
         x = np.random.default_rng(1).normal(size=(3, 64)).astype(np.float32)
-        lin = load_model(c).layers[1]["gate"]
+        lin = load_model(c).layers[1].linear("mlp.gate_proj.weight")
         np.testing.assert_allclose(lin(x), x @ original.T, rtol=1e-5, atol=1e-5)
     assert _kld(made, "gptq4ao") < _kld(made, "rtn4")
 

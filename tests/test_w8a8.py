@@ -134,12 +134,6 @@ def test_smooth_scales_follow_the_reference_formula():
         method.smooth_scales(act, [W1], 1.5)
 
 
-def test_input_groups_share_observers():
-    assert method.input_key("model.layers.3.self_attn.k_proj.weight") == "model.layers.3.self_attn.qkv"
-    assert method.input_key("model.layers.3.mlp.up_proj.weight") == "model.layers.3.mlp.gate_up"
-    assert method.input_key("model.layers.3.mlp.down_proj.weight") == "model.layers.3.mlp.down_proj.weight"
-
-
 @pytest.fixture(scope="module")
 def f32(tmp_path_factory) -> Path:
     need(STORIES)
@@ -153,41 +147,6 @@ def _windows(c, n: int = 4, seqlen: int = 64):
     from qconvert.runtime.tokenizer import Tokenizer
 
     return list(calibration_set(Tokenizer.from_container(c), need(CALIB), n, seqlen, 0).tokens)
-
-
-@pytest.mark.shared
-def test_smoothing_fold_leaves_the_float_model_unchanged(f32):
-    from qconvert.runtime.models import load_model
-    from qconvert.runtime.weights import Linear
-
-    with qconvert.load(f32) as c:
-        model = load_model(c)
-        windows = _windows(c)
-        groups = method.smooth_groups(c.architecture, c.config, set(c.tensors))
-        assert len(groups) == 3 * c.config["num_hidden_layers"]  # norm->qkv, norm->gate/up, up->down
-
-        def load(name):
-            return np.array(c.tensor(name), dtype=np.float32)
-
-        cal = method.calibrate(model, windows, set(), None, groups, 0.5, load)
-        s = cal.smooth["model.layers.0.self_attn.q_proj.weight"]
-        assert s is cal.smooth["model.layers.0.self_attn.v_proj.weight"] and s.std() > 0.05 * s.mean()
-        assert "model.layers.0.self_attn.o_proj.weight" not in cal.smooth  # nothing linear before o_proj
-        assert "model.layers.0.mlp.down_proj.weight" in cal.smooth  # folded into up_proj's rows
-        before = [model.forward(w, model.new_cache(len(w))) for w in windows[:2]]
-        folded = method.fold_smoothing(load, groups, cal.smooth)
-        for i, layer in enumerate(model.layers):
-            p = f"model.layers.{i}."
-            layer["attn_norm"] = folded[p + "input_layernorm.weight"]
-            layer["mlp_norm"] = folded[p + "post_attention_layernorm.weight"]
-            for key, name in (("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
-                              ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"), ("down", "mlp.down_proj")):
-                W = folded[p + name + ".weight"]
-                assert not np.allclose(W, load(p + name + ".weight"))
-                layer[key] = Linear(np.ascontiguousarray(W).view(np.uint8), "F32", W.shape, name=p + name + ".weight")
-        after = [model.forward(w, model.new_cache(len(w))) for w in windows[:2]]
-    for a, b in zip(before, after):
-        assert np.abs(a - b).max() <= 1e-4, np.abs(a - b).max()
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -255,7 +214,7 @@ def test_the_runtime_runs_the_integer_kernel(made):
 
     with qconvert.load(made / "minmax") as c:
         name = "model.layers.2.mlp.up_proj.weight"
-        lin = load_model(c).layers[2]["up"]
+        lin = load_model(c).layers[2].linear("mlp.up_proj.weight")
         x = np.random.default_rng(0).normal(0, 1, (9, 64)).astype(np.float32)
         y = lin(x)
         assert np.array_equal(y, ref.linear(c.raw(name), c.tensors[name].extra, x))

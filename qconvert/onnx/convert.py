@@ -26,7 +26,7 @@ from typing import Any, Callable
 from .. import __version__
 from ..container import ContainerWriter, TensorSpec
 from ..errors import QConvertError
-from ..plan import TensorPlan
+from ..plan import ConvertResult, TensorPlan
 from .quant import SCHEME_TYPE, SCHEMES, encode, padded
 
 ONNX_METHODS = ("rtn", "w8a8", "f32", "f16")
@@ -121,7 +121,6 @@ def quantize_onnx(
     calib_progress: Callable[[int, int], None] | None = None,
 ):
     """Quantize an ONNX model into a container (see the module docstring)."""
-    from ..convert import ConvertResult
     from ..sources.onnx import open_onnx
     from .calibrate import activation_types, calibration_samples, collect_ranges
     from .model import FLOAT, graph_bytes, input_specs, weights_map
