@@ -52,6 +52,7 @@ CALIBRATED_SET = [
     ("GPTQ W4 g128 act-order", dict(method="gptq", bits=4, group=128, sym=False, act_order=True, **CAL)),
     ("GPTQ W4 g128 act-order + mse", dict(method="gptq", bits=4, group=128, sym=False, act_order=True, mse=True, **CAL)),
     ("AWQ W4 g128", dict(method="awq", bits=4, group=128, **CAL)),
+    ("AWQ + GPTQ W4 g128 act-order", dict(method="awq+gptq", bits=4, group=128, sym=False, act_order=True, **CAL)),
     ("RTN W3 g128 (asym)", dict(method="rtn", bits=3, group=128, sym=False)),
     ("RTN W3 g128 + mse", dict(method="rtn", bits=3, group=128, sym=False, mse=True)),
     ("GPTQ W3 g128 (asym)", dict(method="gptq", bits=3, group=128, sym=False, **CAL)),

@@ -5,9 +5,9 @@
         [--drop-first-token] [--mse] [--act-order] [--seed 0] [--chunks 20]
 
 ``massive``: float forward of the 16 tinyshakespeare calibration windows (seed 0) through
-every block; per block and per linear input (q/k/v, o, gate/up, down), the share of the
-Hessian's trace ``Σ_t |x_t|²`` that comes from the first token of each window, and the largest
-|residual| after attention. SmolLM2 puts massive activations there.
+every block (the calibration pipeline, with a probe step); per block and per linear input
+(q/k/v, o, gate/up, down), the share of the Hessian's trace ``Σ_t |x_t|²`` that comes from the
+first token of each window. SmolLM2 puts massive activations there.
 
 ``variant``: GPTQ W3 g128 (asym) of the SmolLM2 GGUF with one setting changed, evaluated as in
 bench/bench_quality.py (wiki.test.raw, 20 windows of 512, KLD against the F32 import).
@@ -36,39 +36,35 @@ import qconvert  # noqa: E402
 
 
 def massive() -> None:
+    from qconvert.arch import by_name
+    from qconvert.calibrate import Step, run_pipeline
     from qconvert.calibration import calibration_set
-    from qconvert.methods import sequential as S
-    from qconvert.methods.calibrated import _tokenizer_for
-    from qconvert.runtime.ops import rms_norm, rope_tables
+    from qconvert.recipe import source_loader, tokenizer_for
     from qconvert.sources import open_source
 
     def first_token_share(X: np.ndarray) -> str:
         e = (X.astype(np.float64) ** 2).sum(-1)  # (windows, tokens)
         return f"{e[:, 0].sum() / e.sum():.3f}"
 
+    class Probe(Step):
+        """Prints, per block, the first-token share of each linear group's input."""
+
+        def begin_layer(self, run) -> None:
+            self.row, self.x = [], run.x
+
+        def on_input(self, layer, names, x) -> None:
+            self.row.append(first_token_share(x))
+
+        def end_layer(self, run) -> None:
+            print(f"| {run.layer.index} | {' | '.join(self.row)} |", flush=True)
+
     with open_source(str(GGUF)) as src:
-        cal = calibration_set(_tokenizer_for(src), CALIB, 16, 512, 0)
-        by_name = {t.name: t for t in src.tensors}
-
-        def load(name: str) -> np.ndarray:
-            return by_name[name].load().astype(np.float32)
-
-        cfg = S._check_llama(src.config, set(by_name))
-        cos, sin = rope_tables(np.arange(512), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        x = S._embed(load, cal.tokens)
+        cal = calibration_set(tokenizer_for(src), CALIB, 16, 512, 0)
+        load, names = source_loader(src, "the probe")
         print("share of the Hessian trace from the first token of each window\n")
-        print("| block | q/k/v input | o_proj input | gate/up input | down_proj input | max abs residual |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        for i in range(cfg.n_layers):
-            blk = S._Block(load, i)
-            h = rms_norm(x, blk.attn_norm, cfg.rms_eps)
-            att = S._attention(h, blk, cfg, cos, sin)
-            x2 = x + att @ blk.W["o_proj"].T
-            h2 = rms_norm(x2, blk.mlp_norm, cfg.rms_eps)
-            a = S._mlp_hidden(h2, blk)
-            print(f"| {i} | {first_token_share(h)} | {first_token_share(att)} | {first_token_share(h2)} "
-                  f"| {first_token_share(a)} | {np.abs(x2).max():.0f} |", flush=True)
-            x = x2 + a @ blk.W["down_proj"].T
+        print("| block | q/k/v input | o_proj input | gate/up input | down_proj input |")
+        print("|---:|---:|---:|---:|---:|")
+        run_pipeline(by_name(src.architecture), src.config, load, names, cal.tokens, [Probe()])
 
 
 def variant(a: argparse.Namespace) -> None:
