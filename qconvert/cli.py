@@ -81,6 +81,21 @@ def _human_bytes(n: int) -> str:
     return str(n)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out.print(f"qconvert {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    pass
+
+
 @app.command()
 @_handle_errors
 def quantize(

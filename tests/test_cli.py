@@ -157,6 +157,14 @@ def test_usage_error_exit_code(tmp_path):
     assert proc.returncode == 2
 
 
+def test_version_prints_the_package_version():
+    import qconvert as package
+
+    proc = qconvert("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"qconvert {package.__version__}\n"
+
+
 def test_demo_model_is_packaged_and_recorded_as_demo(tmp_path):
     out = tmp_path / "s.q8"
     proc = qconvert("quantize", "demo:stories260K", "--method", "rtn", "--bits", "8", "-o", out)
