@@ -81,10 +81,25 @@ def _human_bytes(n: int) -> str:
     return str(n)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out.print(f"qconvert {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    pass
+
+
 @app.command()
 @_handle_errors
 def quantize(
-    source: str = typer.Argument(..., help="HF folder, hub id (owner/name), .gguf or .onnx file."),
+    source: str = typer.Argument(..., help="HF folder, hub id (owner/name), .gguf or .onnx file, or demo:stories260K (packaged with qconvert)."),
     output: Path = typer.Option(..., "-o", "--output", help="Container file to write."),
     method: str = typer.Option("rtn", "--method", "-m", help="rtn (--bits/--group/--asym); gptq or awq (--calib); import (a GPTQ/AWQ checkpoint as it is — the default for one); nf4 (bitsandbytes NF4, 64-weight blocks); w8a8 (int8 weights and activations: --calib, --observer, --smooth, --act-mode); a llama.cpp K-quant mix: q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k; or f32/f16/bf16 (unquantized reference)."),
     bits: Optional[int] = typer.Option(None, "--bits", "-b", help="Bits per weight: rtn 4/5/8 (or 2/3 with --group), gptq/awq 2/3/4/8 (default: rtn 8, gptq/awq 4)."),
@@ -112,7 +127,7 @@ def quantize(
 ) -> None:
     """Quantize a checkpoint into a qconvert container.
 
-    Example: qconvert quantize ../shared/models/stories260K --method rtn --bits 8 -o s.q8
+    Example: qconvert quantize demo:stories260K --method rtn --bits 8 -o s.q8
     """
     from .convert import quantize as run_quantize
 
