@@ -105,7 +105,8 @@ class Layer(Protocol):
 
 
 def cfg_int(cfg: dict, key: str, default: Any = None, lo: int = 1, hi: int = 1 << 31, what: str = "") -> int:
-    value = cfg.get(key, default)
+    value = cfg.get(key)
+    value = default if value is None else value
     if value is None:
         raise QConvertError(f"config.json lacks {key!r}, which a{what or ' model'} needs")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
@@ -117,7 +118,8 @@ def cfg_int(cfg: dict, key: str, default: Any = None, lo: int = 1, hi: int = 1 <
 
 
 def cfg_float(cfg: dict, key: str, default: Any = None, positive: bool = True) -> float:
-    value = cfg.get(key, default)
+    value = cfg.get(key)
+    value = default if value is None else value
     if value is None:
         raise QConvertError(f"config.json lacks {key!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
