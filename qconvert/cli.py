@@ -337,9 +337,9 @@ def quantize(
     started = time.perf_counter()
     say = _Say(quiet or as_json, verbose)
     if calib_chunks is not None:
-        say.note("note: --calib-chunks is deprecated; use --chunks")
         if chunks is not None and chunks != calib_chunks:
             raise QConvertError("give --chunks only (--calib-chunks is its old name)")
+        say.note("note: --calib-chunks is deprecated; use --chunks")
         chunks = calib_chunks
     onnx = source.lower().endswith(".onnx")
     method = method.lower()
