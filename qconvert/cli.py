@@ -157,10 +157,10 @@ def _handle_errors(fn: Callable) -> Callable:
 class _Say:
     """What a command prints besides its result: nothing with --quiet, details with --verbose."""
 
-    def __init__(self, quiet: bool = False, verbose: bool = False) -> None:
+    def __init__(self, quiet: bool = False, verbose: bool = False, as_json: bool = False) -> None:
         if quiet and verbose:
             raise QConvertError("give --quiet or --verbose, not both")
-        self.quiet, self.verbose = quiet, verbose
+        self.quiet, self.verbose = quiet or as_json, verbose and not as_json  # --json: only the JSON
 
     def result(self, text: str) -> None:
         if not self.quiet:
@@ -335,7 +335,7 @@ def quantize(
     from .convert import quantize as run_quantize
 
     started = time.perf_counter()
-    say = _Say(quiet or as_json, verbose)
+    say = _Say(quiet, verbose, as_json)
     if calib_chunks is not None:
         if chunks is not None and chunks != calib_chunks:
             raise QConvertError("give --chunks only (--calib-chunks is its old name)")
@@ -548,7 +548,7 @@ def imatrix(
     from .api import imatrix as run_imatrix
 
     started = time.perf_counter()
-    say = _Say(quiet or as_json, verbose)
+    say = _Say(quiet, verbose, as_json)
     _check_output(output, [model, calib], force)
     with _threads(threads), _Bars(not say.quiet and err.is_terminal) as bars:
         result = run_imatrix(model, calib, output, ctx=ctx, chunks=chunks, progress=bars.phase("importance matrix"),
@@ -582,7 +582,7 @@ def export(
     """
     from .api import export as run_export
 
-    say = _Say(quiet or as_json, verbose)
+    say = _Say(quiet, verbose, as_json)
     _check_output(output, [path], force)
     result = run_export(path, output, to=to, allow_requantize=allow_requantize or allow_requant)
     summary = result.summary
@@ -661,7 +661,7 @@ def eval_cmd(
     from .api import evaluate
     from .errors import QualityGateError
 
-    say = _Say(quiet or as_json, verbose)
+    say = _Say(quiet, verbose, as_json)
     if (max_ppl_ratio is not None or max_kld is not None) and reference is None:
         raise QConvertError("--max-ppl-ratio and --max-kld need --reference")
     with _threads(threads), _Bars(not say.quiet and err.is_terminal) as bars:

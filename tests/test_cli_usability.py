@@ -69,6 +69,14 @@ def test_verbose_lists_every_tensor_decision(tiny, tmp_path):
             assert re.search(rf"{re.escape(name)}\s+\S+\s+F32 -> {info.block_type.name}", proc.stderr), name
 
 
+def test_verbose_with_json_prints_only_the_json_and_quiet_with_verbose_is_an_error(tiny, tmp_path):
+    proc = cli("quantize", tiny, "-o", tmp_path / "m.q", "--json", "-v")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tensors"] == 20
+    assert_one_line_error(cli("quantize", tiny, "-o", tmp_path / "n.q", "-q", "-v"), "--quiet or --verbose, not both")
+    assert not (tmp_path / "n.q").exists()
+
+
 def test_threads_on_quantize_and_imatrix(tiny, tmp_path):
     proc = cli("quantize", tiny, "-o", tmp_path / "m.q", "--threads", "1")
     assert proc.returncode == 0, proc.stderr
