@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import difflib
 
-# quantize's methods (convert.METHODS) and "import" (a GPTQ/AWQ checkpoint as it is)
 from .methods.mixes import K_MIXES
 
-FLOATS = ("f32", "f16", "bf16")
-METHOD_NAMES = ("rtn", "gptq", "awq", "import", "nf4", "w8a8", *K_MIXES, *FLOATS)
+
+def method_names() -> tuple[str, ...]:
+    """quantize's methods (convert.METHODS) and "import" (a GPTQ/AWQ checkpoint as it is)."""
+    from .convert import METHODS
+
+    return (*METHODS, "import")
 
 # (method and options, block type of the matrices, SmolLM2-135M file size, mean KLD vs F32).
 # Sizes and KLDs are BENCHMARKS.md's measurements (SmolLM2-135M-Instruct, wikitext-2 test,
@@ -72,7 +75,8 @@ def did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str:
 
 
 def unknown_method_message(method: str) -> str:
-    return f"unknown method {method!r}{did_you_mean(method, METHOD_NAMES)}; available: {', '.join(METHOD_NAMES)}"
+    names = method_names()
+    return f"unknown method {method!r}{did_you_mean(method, names)}; available: {', '.join(names)}"
 
 
 def supported_architectures() -> dict[str, tuple[str, ...]]:

@@ -331,7 +331,7 @@ def quantize(
 
     Example: qconvert quantize ../shared/models/stories260K --method rtn --bits 8 -o s.q8
     """
-    from .catalog import METHOD_NAMES, unknown_method_message
+    from .catalog import method_names, unknown_method_message
     from .convert import quantize as run_quantize
 
     started = time.perf_counter()
@@ -344,7 +344,7 @@ def quantize(
     onnx = source.lower().endswith(".onnx")
     method = method.lower()
     if not onnx:
-        if method not in METHOD_NAMES:
+        if method not in method_names():
             raise QConvertError(unknown_method_message(method))
         _refuse_ignored_options(ctx, method)
     _check_output(output, [source], force)
