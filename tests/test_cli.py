@@ -191,7 +191,7 @@ def test_demo_refuses_a_revision(tmp_path):
 def test_smollm2_gguf_source_rtn8(tmp_path):
     src = need_shared(SMOLLM_GGUF)
     out = tmp_path / "smol.q8"
-    proc = qconvert("quantize", src, "--method", "rtn", "--bits", "8", "-o", out)
+    proc = qconvert("quantize", src, "--method", "rtn", "--bits", "8", "--allow-requantize", "-o", out)
     assert proc.returncode == 0, proc.stderr
     info = json.loads(qconvert("inspect", out, "--json").stdout)
     assert info["source"]["kind"] == "gguf" and info["source"]["quantized"] is True
