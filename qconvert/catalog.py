@@ -8,12 +8,17 @@ from __future__ import annotations
 import difflib
 
 from .methods.mixes import K_MIXES
+from .recipe import CALIBRATED_METHODS
+
+# f32/f16/bf16 store every matrix in a float type: the unquantized reference that eval
+# compares against (a quantized source such as a Q4_1 GGUF is dequantized into it).
+FLOAT_METHODS = ("f32", "f16", "bf16")
+# every --method of quantize; w8a8: int8 weights per channel x int8 activations
+METHODS = ("rtn", *CALIBRATED_METHODS, "nf4", *FLOAT_METHODS, *K_MIXES, "w8a8")
 
 
 def method_names() -> tuple[str, ...]:
-    """quantize's methods (convert.METHODS) and "import" (a GPTQ/AWQ checkpoint as it is)."""
-    from .convert import METHODS
-
+    """quantize's methods and "import" (a GPTQ/AWQ checkpoint as it is)."""
     return (*METHODS, "import")
 
 # (method and options, block type of the matrices, SmolLM2-135M file size, mean KLD vs F32).

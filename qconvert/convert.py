@@ -22,14 +22,10 @@ from .methods.rtn import rtn_mix
 from .plan import ConvertResult, TensorPlan, plan_tensors
 from .sources import Source, open_source
 
-# f32/f16/bf16 store every matrix in a float type: the unquantized reference that eval
-# compares against (a quantized source such as a Q4_1 GGUF is dequantized into it).
-FLOAT_METHODS = ("f32", "f16", "bf16")
-from .recipe import CALIBRATED_METHODS  # noqa: E402  (gptq, awq, awq+gptq)
+from .catalog import FLOAT_METHODS, METHODS  # noqa: F401  (METHODS: re-exported)
+from .recipe import CALIBRATED_METHODS
 # bitsandbytes' NF4: 64-weight blocks, absmax double-quantized (default) or kept as f32
 NF4_MIXES = {True: Mix("nf4", "NF4_DQ", 1024), False: Mix("nf4-nodq", "NF4", 1024)}
-# w8a8: int8 weights per channel x int8 activations (static/dynamic), optional SmoothQuant
-METHODS = ("rtn", *CALIBRATED_METHODS, "nf4", *FLOAT_METHODS, *K_MIXES, "w8a8")
 
 # Called after each tensor: (index, total, plan).
 Progress = Callable[[int, int, TensorPlan], None]

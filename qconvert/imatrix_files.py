@@ -45,7 +45,6 @@ from .errors import QConvertError
 GGUF_MAGIC = b"GGUF"
 DAT, GGUF = "llama.cpp imatrix.dat", "llama.cpp imatrix GGUF"
 MAX_ENTRIES = 1 << 20
-_BLOCK = re.compile(r"blk\.(\d+)\.")
 
 
 def llama_format_for(path: str | Path) -> str | None:
