@@ -46,12 +46,19 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, ctx: Context, layer: int
     scale = np.float32(scale)
     out = np.empty((B, T, nh * hd), np.float32)
     for b in range(B):  # one sequence at a time keeps the (heads, T, S) scores small
-        qg = q[b].reshape(nkv, group * T, hd)
-        scores = (qg @ keys[b].transpose(0, 2, 1)).reshape(nkv, group, T, S) * scale
+        if ctx.cache is not None:  # decode / prompt: each KV head serves its group of query heads
+            qg = q[b].reshape(nkv, group * T, hd)
+            scores = (qg @ keys[b].transpose(0, 2, 1)).reshape(nkv, group, T, S) * scale
+        else:  # calibration: KV heads repeated, one product per query head (as GPTQ/AWQ were measured)
+            kb, vb = np.repeat(keys[b], group, axis=0), np.repeat(values[b], group, axis=0)
+            scores = q[b] @ kb.transpose(0, 2, 1) * scale  # (nh, T, S)
         if softcap:
             cap = np.float32(softcap)
             scores = np.tanh(scores / cap) * cap
-        att = softmax(scores + mask, axis=-1).reshape(nkv, group * T, S) @ values[b]
+        if ctx.cache is not None:
+            att = softmax(scores + mask, axis=-1).reshape(nkv, group * T, S) @ values[b]
+        else:
+            att = softmax(scores + mask, axis=-1) @ vb
         out[b] = att.reshape(nh, T, hd).transpose(1, 0, 2).reshape(T, nh * hd)
     return out
 
