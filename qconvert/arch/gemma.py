@@ -11,8 +11,8 @@ Every RMSNorm multiplies by ``(1 + w)``, in float32; the attention scale is
 (``layer_types``). Gemma 2 soft-caps the attention logits (``attn_logit_softcapping``) and the
 final logits; Gemma 3 drops the attention soft-cap (transformers ignores the key), adds an
 RMSNorm (also 1 + w) over each head of q and k before RoPE, and gives sliding layers their own
-RoPE base (``rope_parameters["sliding_attention"]``, older configs ``rope_local_base_freq``);
-RoPE scaling (linear) applies to the global layers only.
+RoPE base and scaling (``rope_parameters["sliding_attention"]``; older configs
+``rope_local_base_freq``, their ``rope_scaling`` applying to the global layers only).
 
 llama.cpp (``gemma2`` / ``gemma3``; convert_hf_to_gguf.py's Gemma2Model / Gemma3Model):
 
