@@ -7,7 +7,8 @@ models (fixed seed, safetensors + a byte-level BPE tokenizer):
 - 20 greedy tokens equal transformers' ``generate``;
 - Q8_0 stays within KLD 0.01 of F32; GPTQ W4 and AWQ W4 run end to end and stay close;
 - GGUF export has llama.cpp's architecture key and tensor names, and re-importing it gives the
-  same tensors and the same logits.
+  same tensors (up to the float32 rounding of tensors llama.cpp stores shifted: Gemma's 1 + w)
+  and the same logits.
 
 Adding an architecture: one entry in ``ARCHS`` below.
 """
@@ -25,6 +26,7 @@ import qconvert
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from qconvert.arch import by_name  # noqa: E402
 from qconvert.evaluate import evaluate  # noqa: E402
 from qconvert.runtime.generate import generate  # noqa: E402
 from qconvert.runtime.models import load_model  # noqa: E402
@@ -48,6 +50,18 @@ ARCHS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW, head_dim=16), "llama", "llama"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True), "qwen2", "qwen2"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, tie_word_embeddings=True), "qwen3", "qwen3"),
+    # Gemma: (1 + w) norms, GeGLU, sqrt(hidden) embedding scale; small soft-caps so that they bite.
+    # query_pre_attn_scalar = head_dim: llama.cpp derives the scale from head_dim (test_gemma_* below)
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
+                    layer_types=["sliding_attention", "full_attention"],  # llama.cpp's default pattern
+                    attn_logit_softcapping=1.0, final_logit_softcapping=2.0), "gemma2", "gemma2"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW,
+                    layer_types=["sliding_attention", "full_attention"],  # not llama.cpp's default (period 6)
+                    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+                    final_logit_softcapping=3.0), "gemma3", "gemma3"),
 }
 
 
@@ -70,9 +84,9 @@ def tokenizer_json() -> str:
     return _tokenizer_json()
 
 
-def make_model(name: str, folder: Path, tokenizer_json: str):
+def make_model(name: str, folder: Path, tokenizer_json: str, **overrides):
     cfg_cls, model_cls, extra, _, _ = ARCHS[name]
-    kwargs = {**_BASE, **extra}
+    kwargs = {**_BASE, **extra, **overrides}
     config = getattr(transformers, cfg_cls)(**kwargs)
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(config).eval()
@@ -172,8 +186,16 @@ def test_gguf_export_names_and_round_trip(built):
         with open_source(str(d / "m.gguf")) as src:
             back = {t.name: t.load() for t in src.tensors}
         assert set(back) == set(c.tensors)
+        arch = by_name(c.architecture)
         for n in c.tensors:
-            np.testing.assert_array_equal(back[n], c.tensor(n), err_msg=n)
+            offset = arch.gguf_value_offset.get(arch.role(n))
+            if offset:
+                # llama.cpp stores these as offset + w in float32 (Gemma's 1 + w): exact up to
+                # the rounding of that sum, half an ulp of it
+                w = c.tensor(n)
+                assert (np.abs(back[n] - w) <= np.spacing(np.float32(abs(offset)) + np.abs(w)) / 2).all(), n
+            else:
+                np.testing.assert_array_equal(back[n], c.tensor(n), err_msg=n)
     qconvert.quantize(d / "m.gguf", d / "from-gguf.q", method="f32")
     ids = np.array(_prompt())
     with qconvert.load(d / "f32.q") as a, qconvert.load(d / "from-gguf.q") as b:
@@ -315,3 +337,46 @@ def test_unknown_model_type_names_the_supported_ones(tmp_path, tokenizer_json):
     with pytest.raises(QConvertError, match="unknown architecture 'falcon_h9'; supported: ") as e:
         qconvert.quantize(tmp_path / "hf", tmp_path / "out.q", method="f32")
     assert all(t in str(e.value) for t in supported_model_types()) and "\n" not in str(e.value)
+
+
+def test_gemma_query_pre_attn_scalar_and_llama_cpp_scale(tmp_path, tokenizer_json):
+    """query_pre_attn_scalar != head_dim: our logits follow transformers; GGUF export refuses,
+    since llama.cpp's gemma2/gemma3 derive the attention scale from head_dim."""
+    from qconvert.errors import QConvertError
+    from qconvert.export.gguf import export_gguf
+
+    hf = make_model("gemma2", tmp_path / "hf", tokenizer_json, query_pre_attn_scalar=40)
+    qconvert.quantize(tmp_path / "hf", tmp_path / "f32.q", method="f32")
+    ids = _prompt()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float().numpy()
+    with qconvert.load(tmp_path / "f32.q") as c:
+        model = load_model(c)
+        assert np.abs(model.forward(np.array(ids), model.new_cache(64)) - ref).max() <= 1e-4
+        with pytest.raises(QConvertError, match="query_pre_attn_scalar"):
+            export_gguf(c, tmp_path / "m.gguf")
+
+
+def test_gemma_layer_types_from_llama_cpp_keys():
+    """A GGUF as convert_hf_to_gguf writes it (no sliding-window pattern): llama.cpp's default
+    periods (2 for gemma2, 6 for gemma3) give layer_types; gemma3 without a window slides nowhere."""
+    from qconvert.arch import by_gguf
+
+    def kv(arch, **extra):
+        base = {"context_length": 4096, "embedding_length": 64, "block_count": 7, "feed_forward_length": 128,
+                "attention.head_count": 4, "attention.head_count_kv": 2, "attention.key_length": 16,
+                "attention.value_length": 16, "attention.layer_norm_rms_epsilon": 1e-6, **extra}
+        return {"general.architecture": arch, **{f"{arch}.{k}": v for k, v in base.items()}}
+
+    shapes = {"token_embd.weight": (VOCAB, 64)}
+    s, f = "sliding_attention", "full_attention"
+    g2 = by_gguf("gemma2").config_from_gguf(kv("gemma2"), shapes, "gemma2")
+    assert g2["layer_types"] == [s, f, s, f, s, f, s] and g2["sliding_window"] == 4096
+    assert g2["attn_logit_softcapping"] == 50.0 and g2["final_logit_softcapping"] == 30.0
+    g3 = by_gguf("gemma3").config_from_gguf(kv("gemma3", **{"attention.sliding_window": 8, "rope.freq_base": 1e6,
+                                                              "rope.freq_base_swa": 1e4}), shapes, "gemma3")
+    assert g3["layer_types"] == [s, s, s, s, s, f, s]
+    cfg = by_gguf("gemma3").parse_config(g3)
+    assert (cfg.rope_theta, cfg.rope_theta_local, cfg.windows[0], cfg.query_pre_attn_scalar) == (1e6, 1e4, 8, 16.0)
+    g3 = by_gguf("gemma3").config_from_gguf(kv("gemma3"), shapes, "gemma3")
+    assert g3["layer_types"] == [f] * 7

@@ -11,6 +11,7 @@ from ..errors import QConvertError
 from .base import Arch, Context, InputGroup, KVCache, Layer, T
 
 from . import bert, gpt2  # noqa: E402
+from .gemma import GEMMA2, GEMMA3  # noqa: E402
 from .llama import LLAMA, QWEN2  # noqa: E402
 from .qwen3 import QWEN3  # noqa: E402
 
@@ -18,6 +19,8 @@ ARCHITECTURES: tuple[Arch, ...] = (
     LLAMA,
     QWEN2,
     QWEN3,
+    GEMMA2,
+    GEMMA3,
     gpt2.ARCH,
     bert.ARCH,
 )

@@ -95,8 +95,15 @@ _KINDS = {"u32": U32, "f32": F32, "bool": BOOL, "str": STRING}
 
 
 def _arch_kv(arch, c: Container) -> list[tuple[str, int, Any, int | None]]:
-    """The family's hyper-parameters under llama.cpp's keys (arch/<family>.py's GGUF table)."""
-    return [(key, _KINDS[kind], value, None) for key, kind, value in arch.kv_to_gguf(c.config)]
+    """The family's hyper-parameters under llama.cpp's keys (arch/<family>.py's GGUF table);
+    a kind ``"<kind>[]"`` is an array of that kind (e.g. one bool per layer)."""
+    out = []
+    for key, kind, value in arch.kv_to_gguf(c.config):
+        if kind.endswith("[]"):
+            out.append((key, ARRAY, list(value), _KINDS[kind[:-2]]))
+        else:
+            out.append((key, _KINDS[kind], value, None))
+    return out
 
 
 def _tokenizer_kv(c: Container) -> list[tuple[str, int, Any, int | None]]:
