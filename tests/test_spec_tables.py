@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+from qconvert import safejson
 from qconvert.blocks import all_types
 from qconvert.container import format as fmt
 from tests.conftest import REPO
@@ -36,7 +37,8 @@ def test_every_block_type_has_a_section_in_format_md():
 def test_metadata_key_table_matches_spec():
     doc = [(r[0], r[1], r[2] == "yes") for r in _table("metadata-keys")]
     spec = json.loads((REPO / "spec" / "metadata_keys.json").read_text())
-    assert doc == [(k["key"], k["type"], k["required"]) for k in spec["keys"]]
+    assert doc == [(k["key"], k["type"], k["always_written"]) for k in spec["keys"]]
+    assert spec["format_version"] == f"{fmt.MAJOR}.{fmt.MINOR}"
     assert spec["value_types"] == {name: code for code, name in fmt.VALUE_TYPE_NAMES.items()}
 
 
@@ -45,6 +47,9 @@ def test_header_constants_match_format_md():
     assert f"format {fmt.MAJOR}.{fmt.MINOR}" in text.splitlines()[0]
     assert "`51 43 56 54` (ASCII `QCVT`)" in text and fmt.MAGIC == b"QCVT"
     assert f"≤ {fmt.MAX_TENSORS:,}" in text and f"≤ {fmt.MAX_KV:,}" in text
+    assert f"{fmt.MIN_KV_ENTRY}·n_kv + {fmt.MIN_TENSOR_ENTRY}·n_tensors ≤ header_len" in text
+    assert f"at most {fmt.MAX_JSON_MEMORY >> 20} MiB of decoded objects" in text
+    assert f"at most {safejson.MAX_DEPTH} levels deep" in text and f"plus {safejson.OBJECT_BYTES} bytes per" in text
     assert f"qconvert writes {fmt.DEFAULT_ALIGNMENT}" in text
 
 
@@ -59,5 +64,6 @@ def test_written_metadata_keys_are_all_specified(tmp_path):
             assert key in spec, f"{key} is written but not in spec/metadata_keys.json"
             assert fmt.VALUE_TYPE_NAMES[c.metadata_types[key]] == spec[key]["type"]
         for key, k in spec.items():
-            if k["required"]:
+            if k["always_written"] and key != fmt.PREAMBLE_CRC_KEY:  # that one is checked on open, not listed
                 assert key in c.metadata
+    assert fmt.PREAMBLE_CRC_KEY.encode() in (tmp_path / "m.q").read_bytes()[:200]

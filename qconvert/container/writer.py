@@ -36,7 +36,9 @@ from .format import (
     T_JSON,
     T_STRING,
     T_UINT64,
+    PREAMBLE_CRC_KEY,
     pad_to,
+    preamble_crc,
 )
 
 
@@ -111,7 +113,14 @@ class ContainerWriter:
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names")
 
-        self._kv = b"".join(_encode_kv(k, metadata[k]) for k in metadata)
+        if any(d < 0 for s in specs for d in s.shape):
+            raise ValueError("tensor dimensions are non-negative")
+        # the fixed header's checksum comes first (FORMAT.md §2); its value is patched in by close()
+        key = PREAMBLE_CRC_KEY.encode()
+        preamble = struct.pack("<H", len(key)) + key + struct.pack("<BQQ", T_UINT64, 8, 0)
+        self._preamble_pos = len(preamble) - 8
+        metadata = {k: v for k, v in metadata.items() if k != PREAMBLE_CRC_KEY}
+        self._kv = preamble + b"".join(_encode_kv(k, metadata[k]) for k in metadata)
         self._extras = [dict(s.extra) for s in specs]
         offset = 0
         self._offsets: list[int] = []
@@ -122,7 +131,7 @@ class ContainerWriter:
             offset += pad_to(by_name(spec.type_name).nbytes(spec.shape), alignment)
 
         self._header, self._crc_positions = self._build_header(self._extras)
-        self._n_kv = len(metadata)
+        self._n_kv = len(metadata) + 1
         reserved = len(self._header) + sum(
             max(0, s.extra_reserve - len(canonical_json(e) if e else b"")) for s, e in zip(specs, self._extras)
         )
@@ -190,6 +199,7 @@ class ContainerWriter:
         self._header, self._crc_positions = self._build_header(self._extras)
         for pos, crc in zip(self._crc_positions, self._crcs):
             struct.pack_into("<I", self._header, pos, crc)
+        struct.pack_into("<Q", self._header, self._preamble_pos, preamble_crc(self._fixed_header(0)))
         self._file.seek(0)
         self._file.write(self._fixed_header(zlib.crc32(self._header)))
         self._file.write(self._header)

@@ -1,0 +1,135 @@
+"""JSON from files qconvert did not write (config.json, safetensors headers, container metadata).
+
+``json.loads`` trusts its input: it recurses once per nesting level (a RecursionError 100,000
+levels down), accepts ``NaN`` / ``Infinity`` (which no JSON writer may write back), silently
+keeps the last of two equal keys, and turns a few bytes of text into tens of bytes of Python
+objects. :func:`loads` refuses all of that with one :class:`QConvertError` sentence, and refuses
+text whose objects would take more than a memory budget before it parses anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from .errors import QConvertError
+
+MAX_DEPTH = 64
+# Upper bound on the bytes of Python objects one JSON value takes (a str, float, list or dict
+# entry with its pointer: 30-70 bytes; a small int 8). Values are counted by their separators.
+OBJECT_BYTES = 80
+DEFAULT_BUDGET = 512 << 20
+
+
+def object_bytes(text: bytes | str) -> int:
+    """An upper bound on the memory ``json.loads(text)`` allocates, from a linear scan."""
+    count = text.count
+    if isinstance(text, str):
+        seps = count(",") + count(":") + count("[") + count("{")
+        return 4 * len(text) + OBJECT_BYTES * (seps + 1)
+    seps = count(b",") + count(b":") + count(b"[") + count(b"{")
+    return 4 * len(text) + OBJECT_BYTES * (seps + 1)
+
+
+class Budget:
+    """Memory several JSON values of one file may take together; each :func:`loads` spends some."""
+
+    def __init__(self, limit: int = DEFAULT_BUDGET) -> None:
+        self.limit = self.left = limit
+
+
+def _no_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses to inf
+        raise _NonFinite(text)
+    return value
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _Duplicate(k)
+            seen.add(k)
+    return out
+
+
+def depth_exceeds(value: Any, limit: int) -> bool:
+    """True when lists/dicts nest more than ``limit`` levels (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            children = v.values()
+        elif isinstance(v, list):
+            children = v
+        else:
+            continue
+        if d > limit:
+            return True
+        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def loads(text: bytes | str | memoryview, what: str, budget: int | Budget = DEFAULT_BUDGET,
+          max_depth: int = MAX_DEPTH) -> Any:
+    """Parse untrusted JSON (UTF-8 bytes or str); ``what`` names it in the error sentence.
+    ``budget``: the bytes of Python objects it may become (a :class:`Budget` is spent)."""
+    if isinstance(text, (memoryview, bytearray)):
+        text = bytes(text)
+    cost = object_bytes(text)
+    left = budget.left if isinstance(budget, Budget) else budget
+    if cost > left:
+        limit = budget.limit if isinstance(budget, Budget) else budget
+        raise QConvertError(
+            f"{what} is too large to load: {len(text):,} bytes of JSON would take about {cost >> 20:,} MiB"
+            f" in memory" + (" with the rest of the file's JSON" if left < limit else "")
+            + f" (qconvert's limit is {limit >> 20:,} MiB)"
+        )
+    if isinstance(budget, Budget):
+        budget.left -= cost
+    if isinstance(text, bytes):
+        try:
+            text = str(text, "utf-8")
+        except UnicodeDecodeError as e:
+            raise QConvertError(f"{what} is not UTF-8 text (bad byte at offset {e.start})") from None
+    # nesting deeper than max_depth needs more than max_depth opening brackets
+    deep_possible = text.count("[") + text.count("{") > max_depth
+    try:
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=_unique_pairs)
+    except _NonFinite as e:
+        raise QConvertError(f"{what} holds the number {e.args[0]}, which JSON does not allow (NaN and infinities have no JSON form)") from None
+    except _Duplicate as e:
+        raise QConvertError(f"{what} has the key {e.args[0]!r} twice") from None
+    except RecursionError:
+        raise QConvertError(f"{what} nests more than {max_depth} levels deep") from None
+    except json.JSONDecodeError as e:
+        raise QConvertError(f"{what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise QConvertError(f"{what} is not usable JSON ({str(e).splitlines()[0][:100]})") from None
+    if deep_possible and depth_exceeds(value, max_depth):
+        raise QConvertError(f"{what} nests more than {max_depth} levels deep")
+    return value
+
+
+def load_object(text: bytes | str, what: str, budget: int = DEFAULT_BUDGET) -> dict[str, Any]:
+    """Like :func:`loads`, for files that must hold one JSON object."""
+    value = loads(text, what, budget)
+    if not isinstance(value, dict):
+        raise QConvertError(f"{what} is not a JSON object (it holds a {type(value).__name__})")
+    return value
