@@ -94,11 +94,12 @@ def container_metadata(source: Source, recipe: dict, plans: list[TensorPlan]) ->
         source_bytes += by_name(p.source_type).nbytes(p.shape)
     provenance = dict(source.provenance)
     provenance["tensor_bytes"] = source_bytes
+    fallbacks = {p.name: p.reason for p in plans if p.reason.startswith("fallback")}  # FORMAT.md §8
     meta: dict[str, Any] = {
         "qconvert.version": __version__,
         "model.architecture": source.architecture,
         "model.config": source.config,
-        "recipe": recipe,
+        "recipe": {**recipe, "fallbacks": fallbacks} if fallbacks else recipe,
         "source": provenance,
     }
     if source.tokenizer_json is not None:

@@ -67,3 +67,21 @@ def test_written_metadata_keys_are_all_specified(tmp_path):
             if k["always_written"] and key != fmt.PREAMBLE_CRC_KEY:  # that one is checked on open, not listed
                 assert key in c.metadata
     assert fmt.PREAMBLE_CRC_KEY.encode() in (tmp_path / "m.q").read_bytes()[:200]
+
+
+def test_fallbacks_are_recorded_in_the_recipe(tmp_path):
+    """FORMAT.md §8/§9: a tensor stored in another type than the mix asked for is named in
+    recipe.fallbacks; the recipe's group stays the one asked for."""
+    import qconvert
+    from tests.conftest import make_hf_folder
+
+    qconvert.quantize(make_hf_folder(tmp_path / "t"), tmp_path / "m.q", method="rtn", bits=4, group=128)
+    with qconvert.load(tmp_path / "m.q") as c:
+        fallbacks = c.recipe["fallbacks"]
+        assert c.recipe["group"] == 128
+        stored = {n: i.block_type.name for n, i in c.tensors.items()}
+    # hidden 64: rows of 64 cannot hold groups of 128; the MLP's down_proj rows of 128 can
+    assert fallbacks["model.layers.0.mlp.up_proj.weight"] == "fallback: rows of 64 are not a multiple of I4G128's block of 128"
+    assert stored["model.layers.0.mlp.up_proj.weight"] == "I4G64"
+    assert "model.layers.0.mlp.down_proj.weight" not in fallbacks and stored["model.layers.0.mlp.down_proj.weight"] == "I4G128"
+    assert set(fallbacks) == {n for n, t in stored.items() if t == "I4G64"}
