@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 from .errors import QConvertError
@@ -30,6 +31,14 @@ def object_bytes(text: bytes | str) -> int:
         return 4 * len(text) + OBJECT_BYTES * (seps + 1)
     seps = count(b",") + count(b":") + count(b"[") + count(b"{")
     return 4 * len(text) + OBJECT_BYTES * (seps + 1)
+
+
+class JSONRefused(QConvertError):
+    """Untrusted JSON refused; ``reason`` is the sentence without the name of the JSON."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        super().__init__(f"{what} {reason}")
+        self.reason = reason
 
 
 class Budget:
@@ -96,8 +105,8 @@ def loads(text: bytes | str | memoryview, what: str, budget: int | Budget = DEFA
     left = budget.left if isinstance(budget, Budget) else budget
     if cost > left:
         limit = budget.limit if isinstance(budget, Budget) else budget
-        raise QConvertError(
-            f"{what} is too large to load: {len(text):,} bytes of JSON would take about {cost >> 20:,} MiB"
+        raise JSONRefused(
+            what, f"is too large to load: {len(text):,} bytes of JSON would take about {cost >> 20:,} MiB"
             f" in memory" + (" with the rest of the file's JSON" if left < limit else "")
             + f" (qconvert's limit is {limit >> 20:,} MiB)"
         )
@@ -107,29 +116,48 @@ def loads(text: bytes | str | memoryview, what: str, budget: int | Budget = DEFA
         try:
             text = str(text, "utf-8")
         except UnicodeDecodeError as e:
-            raise QConvertError(f"{what} is not UTF-8 text (bad byte at offset {e.start})") from None
+            raise JSONRefused(what, f"is not UTF-8 text (bad byte at offset {e.start})") from None
     # nesting deeper than max_depth needs more than max_depth opening brackets
     deep_possible = text.count("[") + text.count("{") > max_depth
     try:
         value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=_unique_pairs)
     except _NonFinite as e:
-        raise QConvertError(f"{what} holds the number {e.args[0]}, which JSON does not allow (NaN and infinities have no JSON form)") from None
+        raise JSONRefused(what, f"holds the number {e.args[0]}, which JSON does not allow (NaN and infinities have no JSON form)") from None
     except _Duplicate as e:
-        raise QConvertError(f"{what} has the key {e.args[0]!r} twice") from None
+        raise JSONRefused(what, f"has the key {e.args[0]!r} twice") from None
     except RecursionError:
-        raise QConvertError(f"{what} nests more than {max_depth} levels deep") from None
+        raise JSONRefused(what, f"nests more than {max_depth} levels deep") from None
     except json.JSONDecodeError as e:
-        raise QConvertError(f"{what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise JSONRefused(what, f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except ValueError as e:  # an integer of more than 4300 digits
-        raise QConvertError(f"{what} is not usable JSON ({str(e).splitlines()[0][:100]})") from None
+        raise JSONRefused(what, f"is not usable JSON ({str(e).splitlines()[0][:100]})") from None
     if deep_possible and depth_exceeds(value, max_depth):
-        raise QConvertError(f"{what} nests more than {max_depth} levels deep")
+        raise JSONRefused(what, f"nests more than {max_depth} levels deep")
     return value
 
 
-def load_object(text: bytes | str, what: str, budget: int = DEFAULT_BUDGET) -> dict[str, Any]:
-    """Like :func:`loads`, for files that must hold one JSON object."""
+def load_object(text: bytes | str, what: str, budget: int | Budget = DEFAULT_BUDGET) -> dict[str, Any]:
+    """Like :func:`loads`, for text that must hold one JSON object."""
     value = loads(text, what, budget)
     if not isinstance(value, dict):
-        raise QConvertError(f"{what} is not a JSON object (it holds a {type(value).__name__})")
+        raise JSONRefused(what, f"is not a JSON object (it holds a {type(value).__name__})")
     return value
+
+
+MAX_FILE = 128 << 20  # a JSON file of a checkpoint folder (tokenizer.json is the largest, ~30 MB)
+
+
+def read_file(path: Path, what: str, limit: int = MAX_FILE) -> bytes:
+    """The bytes of a JSON file, refusing one too large to hold in memory."""
+    size = path.stat().st_size
+    if size > limit:
+        raise QConvertError(f"{what} is {size:,} bytes; qconvert reads JSON files of at most {limit >> 20} MiB")
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise QConvertError(f"cannot read {what}: {e.strerror or e}") from None
+
+
+def load_file(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file that must hold one object (config.json, tokenizer_config.json ...)."""
+    return load_object(read_file(path, what), what)
