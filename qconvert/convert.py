@@ -217,6 +217,9 @@ def quantize(
     started = time.perf_counter()
     output = Path(output)
     with open_source(str(source), revision=revision) as src:
+        from .runtime.tokenizer import check_source_tokenizer
+
+        check_source_tokenizer(src)  # a broken tokenizer is refused now, not at `run` (issue #14 B.2)
         if importance and not any(t.name in importance for t in src.tensors):
             raise QConvertError("the importance matrix names none of this model's tensors: it was made for another model")
         plans = plan_tensors(
