@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 from .errors import QConvertError
 
 MAX_DEPTH = 64
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # Upper bound on the bytes of Python objects one JSON value takes (a str, float, list or dict
 # entry with its pointer: 30-70 bytes; a small int 8). Values are counted by their separators.
 OBJECT_BYTES = 80
@@ -133,6 +135,11 @@ def loads(text: bytes | str | memoryview, what: str, budget: int | Budget = DEFA
         raise JSONRefused(what, f"is not usable JSON ({str(e).splitlines()[0][:100]})") from None
     if deep_possible and depth_exceeds(value, max_depth):
         raise JSONRefused(what, f"nests more than {max_depth} levels deep")
+    if _SURROGATE_ESCAPE.search(text):  # "\ud800" alone parses, but is no Unicode text: it cannot be written back
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise JSONRefused(what, f"holds the lone surrogate \\u{ord(e.object[e.start]):04x}, which is not Unicode text") from None
     return value
 
 

@@ -374,12 +374,13 @@ def _set_kv(key: str, vtype: int, value: bytes):
         ("source", 7, b'{"a": 1e999}', "holds the number 1e999"),
         ("source", 7, b'{"a": 1, "a": 2}', "has the key 'a' twice"),
         ("source", 7, b'{"a": "\xff"}', "is not UTF-8 text"),
+        ("source", 7, b'{"a": "\\ud800"}', "holds the lone surrogate \\\\ud800"),
         ("x.float", 3, struct.pack("<d", float("nan")), "metadata value of 'x.float' is malformed"),
         ("x.bool", 4, b"\x02", "metadata value of 'x.bool' is malformed"),
         ("x.json", 7, "huge", "too large to load: 16,000,003 bytes of JSON would take about"),
     ],
     ids=["bytes-config", "list-recipe", "json-architecture", "deep", "nan", "overflow-inf", "duplicate-key",
-         "not-utf8", "nan-float64", "bool-2", "amplifying-json"],
+         "not-utf8", "lone-surrogate", "nan-float64", "bool-2", "amplifying-json"],
 )
 def test_hostile_metadata_with_valid_checksums_is_refused(tmp_path, key, vtype, value, message):
     value = {"deep": b"[" * 100_000 + b"]" * 100_000, "huge": b"[" + b"1," * 8_000_000 + b"1]"}.get(value, value)
