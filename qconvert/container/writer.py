@@ -2,16 +2,15 @@
 
 The tensor table is known before any tensor is read (names, shapes and block types fix every
 size), so the header is written first with zeroed checksums, the tensors are streamed one by
-one, and the checksums are patched in at the end. Everything goes to a temporary file beside
-the output that is renamed over it only once complete: an interrupted run never leaves a
-partial output.
+one, and the checksums are patched in at the end. Everything goes to a file that gets the
+output's name only once complete (qconvert/atomicfile.py): an interrupted run, even a SIGKILL,
+never leaves a partial output or a temporary file.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomicfile import AtomicFile
 from ..blocks import by_name
 from ..errors import QConvertError
 from .format import (
@@ -140,9 +140,8 @@ class ContainerWriter:
         self._next = 0
         self._crcs: list[int] = []
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self._file = open(self._tmp, "wb")
+        self._out = AtomicFile(self.path)  # no name until complete: a kill leaves nothing behind
+        self._file = self._out.file
         try:
             self._file.write(self._fixed_header(0))
             self._file.write(self._header)
@@ -204,18 +203,11 @@ class ContainerWriter:
         self._file.write(self._fixed_header(zlib.crc32(self._header)))
         self._file.write(self._header)
         self._file.write(b"\0" * (self._data_offset - FIXED_HEADER.size - len(self._header)))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self.path)
-        return self.path
+        return self._out.commit()
 
     def abort(self) -> None:
-        """Drop the temporary file; the output path is left as it was."""
-        try:
-            self._file.close()
-        finally:
-            self._tmp.unlink(missing_ok=True)
+        """Drop what was written; the output path is left as it was."""
+        self._out.discard()
 
     def __enter__(self) -> "ContainerWriter":
         return self
