@@ -637,10 +637,20 @@ def make_case(kind: str, seeds: dict[str, list[Path]], rng: random.Random, scrat
     return path
 
 
+def peak_rss_kib() -> int:
+    """This process's peak RSS. /proc's VmHWM, not getrusage: Linux carries ru_maxrss across
+    exec, so a worker would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def worker(kind: str, start: int, count: int, seed: int) -> None:
     """Run cases start .. start+count-1 of one kind; one JSON line per case on stdout."""
-    import resource
-
     from qconvert.errors import QConvertError
 
     base = Path(tempfile.mkdtemp(prefix="qconvert-fuzz-"))
@@ -686,8 +696,7 @@ def worker(kind: str, start: int, count: int, seed: int) -> None:
             record["s"] = round(time.perf_counter() - t0, 4)
             shutil.rmtree(scratch, ignore_errors=True)
             print(json.dumps(record), flush=True)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        print(json.dumps({"done": True, "peak_rss_mib": round(rss / 1024, 1)}), flush=True)
+        print(json.dumps({"done": True, "peak_rss_mib": round(peak_rss_kib() / 1024, 1)}), flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
