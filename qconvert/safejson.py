@@ -25,14 +25,19 @@ OBJECT_BYTES = 80
 DEFAULT_BUDGET = 512 << 20
 
 
-def object_bytes(text: bytes | str) -> int:
-    """An upper bound on the memory ``json.loads(text)`` allocates, from a linear scan."""
-    count = text.count
+def object_bytes(text: bytes | str | memoryview) -> int:
+    """An upper bound on the memory ``json.loads(text)`` allocates, from a linear scan (a
+    memoryview, e.g. of a memory-mapped file, is scanned 16 MiB at a time, never copied whole)."""
     if isinstance(text, str):
+        count = text.count
         seps = count(",") + count(":") + count("[") + count("{")
         return 4 * len(text) + OBJECT_BYTES * (seps + 1)
-    seps = count(b",") + count(b":") + count(b"[") + count(b"{")
-    return 4 * len(text) + OBJECT_BYTES * (seps + 1)
+    view = memoryview(text).cast("B")
+    seps = 0
+    for start in range(0, len(view), 16 << 20):
+        piece = bytes(view[start : start + (16 << 20)]) if not isinstance(text, bytes) else text[start : start + (16 << 20)]
+        seps += piece.count(b",") + piece.count(b":") + piece.count(b"[") + piece.count(b"{")
+    return 4 * len(view) + OBJECT_BYTES * (seps + 1)
 
 
 class JSONRefused(QConvertError):
@@ -101,9 +106,7 @@ def loads(text: bytes | str | memoryview, what: str, budget: int | Budget = DEFA
           max_depth: int = MAX_DEPTH) -> Any:
     """Parse untrusted JSON (UTF-8 bytes or str); ``what`` names it in the error sentence.
     ``budget``: the bytes of Python objects it may become (a :class:`Budget` is spent)."""
-    if isinstance(text, (memoryview, bytearray)):
-        text = bytes(text)
-    cost = object_bytes(text)
+    cost = object_bytes(text)  # before any copy: a refused text is never copied whole
     left = budget.left if isinstance(budget, Budget) else budget
     if cost > left:
         limit = budget.limit if isinstance(budget, Budget) else budget
@@ -114,6 +117,8 @@ def loads(text: bytes | str | memoryview, what: str, budget: int | Budget = DEFA
         )
     if isinstance(budget, Budget):
         budget.left -= cost
+    if isinstance(text, (memoryview, bytearray)):
+        text = bytes(text)
     if isinstance(text, bytes):
         try:
             text = str(text, "utf-8")
