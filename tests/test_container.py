@@ -461,3 +461,38 @@ def test_empty_tensors_and_empty_names(tmp_path):
 
     with pytest.raises(QConvertError, match="a tensor name is empty"):
         _open_bytes(_rewrite_entry(path.read_bytes(), empty_name))
+
+
+# -- atomic output (issue #14 C: a SIGKILL leaves no partial output and no litter) --------------
+
+
+def test_the_output_has_no_name_until_it_is_complete(tmp_path):
+    from qconvert import atomicfile
+
+    if not atomicfile._nameless_supported(tmp_path):
+        pytest.skip("this file system cannot name an O_TMPFILE file; the named temporary is used")
+    specs = [TensorSpec("a", (2, 32), "Q8_0")]
+    w = ContainerWriter(tmp_path / "out.q", {}, specs)
+    w.write("a", by_name("Q8_0").quantize(np.ones((2, 32), np.float32)))
+    assert list(tmp_path.iterdir()) == []  # a kill now leaves nothing
+    w.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.q"]
+    with open_container(tmp_path / "out.q") as c:
+        assert c.verify() == []
+
+
+def test_named_temporary_fallback_is_atomic_too(tmp_path, monkeypatch):
+    from qconvert import atomicfile
+
+    monkeypatch.setattr(atomicfile, "_nameless_supported", lambda folder: False)
+    (tmp_path / "out.q").write_bytes(b"previous")
+    specs = [TensorSpec("a", (2, 32), "Q8_0")]
+    w = ContainerWriter(tmp_path / "out.q", {}, specs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".out.q.tmp-{__import__('os').getpid()}", "out.q"]
+    w.abort()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.q"] and (tmp_path / "out.q").read_bytes() == b"previous"
+    with ContainerWriter(tmp_path / "out.q", {}, specs) as w:
+        w.write("a", by_name("Q8_0").quantize(np.ones((2, 32), np.float32)))
+    assert [p.name for p in tmp_path.iterdir()] == ["out.q"]
+    with open_container(tmp_path / "out.q") as c:
+        assert c.verify() == []
