@@ -161,13 +161,14 @@ MAX_FILE = 128 << 20  # a JSON file of a checkpoint folder (tokenizer.json is th
 
 def read_file(path: Path, what: str, limit: int = MAX_FILE) -> bytes:
     """The bytes of a JSON file, refusing one too large to hold in memory."""
-    size = path.stat().st_size
-    if size > limit:
-        raise QConvertError(f"{what} is {size:,} bytes; qconvert reads JSON files of at most {limit >> 20} MiB")
     try:
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)  # never more, whatever the file claims or becomes
     except OSError as e:
         raise QConvertError(f"cannot read {what}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise QConvertError(f"{what} is over {limit >> 20} MiB; qconvert reads JSON files of at most {limit >> 20} MiB")
+    return data
 
 
 def load_file(path: Path, what: str) -> dict[str, Any]:

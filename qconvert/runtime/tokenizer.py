@@ -364,6 +364,8 @@ def check_post_processor(tokenizer_json: str) -> None:
     """tokenizers panics (a Rust backtrace, a BaseException) when a TemplateProcessing
     post-processor names a special token its ``special_tokens`` table lacks; refuse such a
     tokenizer.json with one sentence before the library sees it."""
+    if "TemplateProcessing" not in tokenizer_json:
+        return  # the only post-processor known to panic; no need to parse the whole file
     doc = safejson.loads(tokenizer_json, "tokenizer.json")
     if not isinstance(doc, dict):
         raise QConvertError("tokenizer.json is not a JSON object")
