@@ -496,3 +496,33 @@ def test_named_temporary_fallback_is_atomic_too(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["out.q"]
     with open_container(tmp_path / "out.q") as c:
         assert c.verify() == []
+
+
+def test_empty_tensor_with_dims_no_array_can_have_is_refused(tmp_path):
+    """Found by the fuzzer: dims (2^40, 2^40, 0) make nbytes 0, pass every size check, then
+    numpy cannot make the array ("array is too big")."""
+    path = _tiny_llama_container(tmp_path)
+
+    def edit(kvs, tensors):
+        t = next(t for t in tensors if t["name"] == "model.norm.weight")
+        t["dims"], t["nbytes"] = [2**40, 2**40, 0], 0
+
+    with pytest.raises(QConvertError, match="has dimensions \\[1099511627776, 1099511627776, 0\\] no array can have"):
+        _open_bytes(_rewrite_entry(path.read_bytes(), edit))
+
+
+def test_stored_onnx_graph_with_text_that_is_not_utf8_is_refused(tmp_path):
+    """Found by the fuzzer: protobuf returns an invalid-UTF-8 op_type as bytes (ONNX is proto2)."""
+    onnx = pytest.importorskip("onnx")
+    from qconvert.onnx import onnx_summary
+    from tests.test_onnx import tiny_model
+
+    import qconvert
+
+    onnx.save(tiny_model(), str(tmp_path / "m.onnx"))
+    qconvert.quantize(tmp_path / "m.onnx", tmp_path / "m.q")
+    data = (tmp_path / "m.q").read_bytes()
+    i = data.index(b"Relu")
+    (tmp_path / "bad.q").write_bytes(reseal(data[:i] + b"\xffelu" + data[i + 4 :]))
+    with open_container(tmp_path / "bad.q") as c, pytest.raises(QConvertError, match="NodeProto.op_type that is not UTF-8"):
+        onnx_summary(c)

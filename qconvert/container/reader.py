@@ -233,6 +233,8 @@ class Container:
                     f"corrupt or truncated container {what}: tensor {name!r} lies outside the file"
                     f" (bytes {data_offset + offset}..{data_offset + offset + nbytes} of {self.file_size})"
                 )
+            if math.prod(d for d in shape if d) >= 2**60:  # an empty tensor's dims must still make a float64 array
+                raise QConvertError(f"corrupt container {what}: tensor {name!r} has dimensions {list(shape)} no array can have")
             info = TensorInfo(name, tuple(shape), type_id, offset, nbytes, crc, extra)
             _check_params(info, what)
             self.tensors[name] = info

@@ -220,6 +220,9 @@ def load_model(path: str | Path):
         raise QConvertError(f"{path} is not a readable ONNX model ({type(e).__name__}: {str(e)[:120]})") from None
     if not model.graph.node:
         raise QConvertError(f"{path} is not an ONNX model with a graph (no nodes)")
+    where = text_problem(model)
+    if where:
+        raise QConvertError(f"{path} is not a readable ONNX model: its {where} is not UTF-8 text")
     base = path.resolve().parent
     files = [(path.name, path)]
     for loc in _external_locations(model):
@@ -330,8 +333,37 @@ def stored_graph(c):
         model = onnx.load_from_string(bytes(raw))
     except Exception:
         raise QConvertError(f"corrupt container {c.path}: metadata onnx.graph is not a serialized ONNX model") from None
+    where = text_problem(model)
+    if where:
+        raise QConvertError(f"corrupt container {c.path}: the stored ONNX graph has a {where} that is not UTF-8 text")
     _check_external_refs(c, model)
     return model
+
+
+def text_problem(message) -> str | None:
+    """The first string field of a protobuf message that is not UTF-8 text, or None.
+
+    ONNX's .proto is proto2, whose parser hands an invalid-UTF-8 ``string`` field back as
+    ``bytes``: an op type or a tensor name would then be bytes where every caller expects str.
+    Repeated scalars (tensor data) are skipped; only messages and strings are visited."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    stack = [message]
+    while stack:
+        msg = stack.pop()
+        for field, value in msg.ListFields():
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                stack.extend(value if _is_repeated(field) else [value])
+            elif field.type == FieldDescriptor.TYPE_STRING:
+                values = value if _is_repeated(field) else [value]
+                if any(not isinstance(v, str) for v in values):
+                    return f"{msg.DESCRIPTOR.name}.{field.name}"
+    return None
+
+
+def _is_repeated(field) -> bool:
+    repeated = getattr(field, "is_repeated", None)  # protobuf >= 5.28; label is deprecated
+    return repeated if isinstance(repeated, bool) else field.label == field.LABEL_REPEATED
 
 
 def _check_external_refs(c, model) -> None:
