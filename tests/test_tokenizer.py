@@ -448,3 +448,16 @@ def test_hf_tokenizer_ignores_aux_metadata_of_the_wrong_type() -> None:
     tok = Tokenizer.from_metadata({"tokenizer.json": text, "hf": {"tokenizer_config.json": [1], "generation_config.json": "x"},
                                    "model.config": {"eos_token_id": {"a": 1}}})
     assert tok.decode(tok.encode("Once upon a time"), skip_special=True) == "Once upon a time"
+
+
+@pytest.mark.parametrize("special", [{"id": {"a": 1}, "type_id": 0}, {"id": "<zz>", "type_id": 0}])
+def test_post_processor_naming_an_undefined_special_token_is_refused(special) -> None:
+    """tokenizers would panic (a BaseException with a Rust backtrace); found by the fuzzer: a
+    dict where the token's name belongs crashed the check itself (unhashable type)."""
+    import json
+
+    doc = json.loads((_need(STORIES) / "tokenizer.json").read_text())
+    doc["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": special}],
+                             "pair": "not a list", "special_tokens": {}}
+    with pytest.raises(QConvertError, match="post-processor adds the special token"):
+        Tokenizer.from_metadata({"tokenizer.json": json.dumps(doc)})

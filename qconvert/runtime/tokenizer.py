@@ -375,17 +375,19 @@ def check_post_processor(tokenizer_json: str) -> None:
         if not isinstance(pp, dict):
             continue
         if pp.get("type") == "Sequence":
-            stack.extend(pp.get("processors") or [])
+            processors = pp.get("processors")
+            stack.extend(processors if isinstance(processors, list) else [])
             continue
         if pp.get("type") != "TemplateProcessing":
             continue
         table = pp.get("special_tokens")
         table = table if isinstance(table, dict) else {}
         for name in ("single", "pair"):
-            for piece in pp.get(name) or []:
+            pieces = pp.get(name)
+            for piece in pieces if isinstance(pieces, list) else []:
                 special = piece.get("SpecialToken") if isinstance(piece, dict) else None
                 token = special.get("id") if isinstance(special, dict) else None
-                if token is not None and token not in table:
+                if token is not None and (not isinstance(token, str) or token not in table):
                     raise QConvertError(
                         f"tokenizer.json's post-processor adds the special token {token!r}, which its"
                         " special_tokens table does not define"
