@@ -351,19 +351,19 @@ def text_problem(message) -> str | None:
     stack = [message]
     while stack:
         msg = stack.pop()
-        for field, value in msg.ListFields():
-            if field.type == FieldDescriptor.TYPE_MESSAGE:
-                stack.extend(value if _is_repeated(field) else [value])
-            elif field.type == FieldDescriptor.TYPE_STRING:
-                values = value if _is_repeated(field) else [value]
+        for desc, value in msg.ListFields():
+            if desc.type == FieldDescriptor.TYPE_MESSAGE:
+                stack.extend(value if _is_repeated(desc) else [value])
+            elif desc.type == FieldDescriptor.TYPE_STRING:
+                values = value if _is_repeated(desc) else [value]
                 if any(not isinstance(v, str) for v in values):
-                    return f"{msg.DESCRIPTOR.name}.{field.name}"
+                    return f"{msg.DESCRIPTOR.name}.{desc.name}"
     return None
 
 
-def _is_repeated(field) -> bool:
-    repeated = getattr(field, "is_repeated", None)  # protobuf >= 5.28; label is deprecated
-    return repeated if isinstance(repeated, bool) else field.label == field.LABEL_REPEATED
+def _is_repeated(desc) -> bool:
+    repeated = getattr(desc, "is_repeated", None)  # protobuf >= 5.28; label is deprecated
+    return repeated if isinstance(repeated, bool) else desc.label == desc.LABEL_REPEATED
 
 
 def _check_external_refs(c, model) -> None:
