@@ -233,8 +233,6 @@ class Container:
                     f"corrupt or truncated container {what}: tensor {name!r} lies outside the file"
                     f" (bytes {data_offset + offset}..{data_offset + offset + nbytes} of {self.file_size})"
                 )
-            if math.prod(d for d in shape if d) >= 2**60:  # an empty tensor's dims must still make a float64 array
-                raise QConvertError(f"corrupt container {what}: tensor {name!r} has dimensions {list(shape)} no array can have")
             info = TensorInfo(name, tuple(shape), type_id, offset, nbytes, crc, extra)
             _check_params(info, what)
             self.tensors[name] = info
@@ -283,11 +281,14 @@ class Container:
             try:
                 expected = info.block_type.nbytes(info.shape)
             except QConvertError:
-                continue  # unknown block type or bad shape: reported when the tensor is read
-            if expected != info.nbytes:
+                expected = None  # unknown block type or bad shape: reported when the tensor is read
+            if expected is not None and expected != info.nbytes:
                 raise QConvertError(
                     f"corrupt container {what}: tensor {info.name!r} has {info.nbytes} bytes, its shape and type need {expected}"
                 )
+            # an empty tensor (nbytes 0) is not bounded by its bytes; its other dims must still make an array
+            if math.prod(d for d in info.shape if d) >= 2**60:
+                raise QConvertError(f"corrupt container {what}: tensor {info.name!r} has dimensions {list(info.shape)} no array can have")
 
     # -- tensors --------------------------------------------------------------------------
     def info(self, name: str) -> TensorInfo:
