@@ -83,11 +83,12 @@ def container_metadata(source: Source, recipe: dict, plans: list[TensorPlan]) ->
         source_bytes += by_name(p.source_type).nbytes(p.shape)
     provenance = dict(source.provenance)
     provenance["tensor_bytes"] = source_bytes
+    fallbacks = {p.name: p.reason for p in plans if p.reason.startswith("fallback")}  # FORMAT.md §8
     meta: dict[str, Any] = {
         "qconvert.version": __version__,
         "model.architecture": source.architecture,
         "model.config": source.config,
-        "recipe": recipe,
+        "recipe": {**recipe, "fallbacks": fallbacks} if fallbacks else recipe,
         "source": provenance,
     }
     if source.tokenizer_json is not None:
@@ -204,6 +205,9 @@ def quantize(
     output = Path(output)
     warnings = []
     with open_source(str(source), revision=revision) as src:
+        from .runtime.tokenizer import check_source_tokenizer
+
+        check_source_tokenizer(src)  # a broken tokenizer is refused now, not at `run` (issue #14 B.2)
         if not allow_requantize and not importing and method not in FLOAT_METHODS:
             _refuse_requantizing(src, method, mix, keep, tensor_types, imatrix is not None or calib is not None,
                                  default_method)

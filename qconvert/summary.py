@@ -26,6 +26,23 @@ def _abbreviate(params: dict) -> dict:
     return {k: (f"<{len(v)} values>" if isinstance(v, list) and len(v) > 8 else v) for k, v in params.items()}
 
 
+def _number(value: Any) -> int | float | None:
+    """A JSON number (not a bool); None for anything else a hostile file may put there."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value
+
+
+def _files(value: Any) -> list[dict[str, Any]]:
+    """``source.files`` as name/bytes/sha256 rows, whatever the file holds."""
+    rows = []
+    for f in value if isinstance(value, list) else []:
+        if isinstance(f, dict):
+            rows.append({"name": str(f.get("name", "?")), "bytes": _number(f.get("bytes")),
+                         **({"sha256": str(f["sha256"])} if "sha256" in f else {})})
+    return rows
+
+
 def summarize(c: Container, verify: bool = False) -> dict[str, Any]:
     tensors = []
     n_params = n_bytes = 0
@@ -57,8 +74,10 @@ def summarize(c: Container, verify: bool = False) -> dict[str, Any]:
         n_params += n
         n_bytes += info.nbytes + side_bits / 8
         types[type_name] = types.get(type_name, 0) + 1
-    source = c.source
-    source_bytes = source.get("tensor_bytes")
+    source = dict(c.source)  # a JSON object (the reader checks); its keys are informative only
+    if "files" in source:
+        source["files"] = _files(source["files"])
+    source_bytes = _number(source.get("tensor_bytes"))
     cfg = c.config
     out: dict[str, Any] = {
         "path": str(c.path),

@@ -49,6 +49,12 @@ def annotate(data: bytes) -> str:
     row(32, 8, f"header_len = {hlen}")
     row(40, 8, f"data_offset = {doff}")
     p = 48
+    row(p, 2, "key_len = 23"); p += 2
+    row(p, 23, "key `qconvert.preamble_crc32`"); p += 23
+    row(p, 1, "value_type = 1 (UINT64)"); p += 1
+    row(p, 8, "value_len = 8"); p += 8
+    (pcrc,) = struct.unpack_from("<Q", data, p)
+    row(p, 8, f"value 0x{pcrc:08X}: CRC-32 of bytes 0..11 and 16..47"); p += 8
     row(p, 2, "key_len = 18"); p += 2
     row(p, 18, "key `model.architecture`"); p += 18
     row(p, 1, "value_type = 5 (STRING)"); p += 1

@@ -42,7 +42,7 @@ def test_quantize_then_inspect_json(container):
     proc = qconvert("inspect", container, "--json")
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
-    assert info["format_version"] == "1.0"
+    assert info["format_version"] == "1.1"
     tensors = {t["name"]: t for t in info["tensors"]}
     assert tensors["model.layers.1.mlp.down_proj.weight"] == {
         "name": "model.layers.1.mlp.down_proj.weight", "shape": [64, 128], "type": "Q8_0",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+from qconvert import safejson
 from qconvert.blocks import all_types
 from qconvert.container import format as fmt
 from tests.conftest import REPO
@@ -36,7 +37,8 @@ def test_every_block_type_has_a_section_in_format_md():
 def test_metadata_key_table_matches_spec():
     doc = [(r[0], r[1], r[2] == "yes") for r in _table("metadata-keys")]
     spec = json.loads((REPO / "spec" / "metadata_keys.json").read_text())
-    assert doc == [(k["key"], k["type"], k["required"]) for k in spec["keys"]]
+    assert doc == [(k["key"], k["type"], k["always_written"]) for k in spec["keys"]]
+    assert spec["format_version"] == f"{fmt.MAJOR}.{fmt.MINOR}"
     assert spec["value_types"] == {name: code for code, name in fmt.VALUE_TYPE_NAMES.items()}
 
 
@@ -45,6 +47,9 @@ def test_header_constants_match_format_md():
     assert f"format {fmt.MAJOR}.{fmt.MINOR}" in text.splitlines()[0]
     assert "`51 43 56 54` (ASCII `QCVT`)" in text and fmt.MAGIC == b"QCVT"
     assert f"≤ {fmt.MAX_TENSORS:,}" in text and f"≤ {fmt.MAX_KV:,}" in text
+    assert f"{fmt.MIN_KV_ENTRY}·n_kv + {fmt.MIN_TENSOR_ENTRY}·n_tensors ≤ header_len" in text
+    assert f"at most {fmt.MAX_JSON_MEMORY >> 20} MiB of decoded objects" in text
+    assert f"at most {safejson.MAX_DEPTH} levels deep" in text and f"plus {safejson.OBJECT_BYTES} bytes per" in text
     assert f"qconvert writes {fmt.DEFAULT_ALIGNMENT}" in text
 
 
@@ -59,5 +64,24 @@ def test_written_metadata_keys_are_all_specified(tmp_path):
             assert key in spec, f"{key} is written but not in spec/metadata_keys.json"
             assert fmt.VALUE_TYPE_NAMES[c.metadata_types[key]] == spec[key]["type"]
         for key, k in spec.items():
-            if k["required"]:
+            if k["always_written"] and key != fmt.PREAMBLE_CRC_KEY:  # that one is checked on open, not listed
                 assert key in c.metadata
+    assert fmt.PREAMBLE_CRC_KEY.encode() in (tmp_path / "m.q").read_bytes()[:200]
+
+
+def test_fallbacks_are_recorded_in_the_recipe(tmp_path):
+    """FORMAT.md §8/§9: a tensor stored in another type than the mix asked for is named in
+    recipe.fallbacks; the recipe's group stays the one asked for."""
+    import qconvert
+    from tests.conftest import make_hf_folder
+
+    qconvert.quantize(make_hf_folder(tmp_path / "t"), tmp_path / "m.q", method="rtn", bits=4, group=128)
+    with qconvert.load(tmp_path / "m.q") as c:
+        fallbacks = c.recipe["fallbacks"]
+        assert c.recipe["group"] == 128
+        stored = {n: i.block_type.name for n, i in c.tensors.items()}
+    # hidden 64: rows of 64 cannot hold groups of 128; the MLP's down_proj rows of 128 can
+    assert fallbacks["model.layers.0.mlp.up_proj.weight"] == "fallback: rows of 64 are not a multiple of I4G128's block of 128"
+    assert stored["model.layers.0.mlp.up_proj.weight"] == "I4G64"
+    assert "model.layers.0.mlp.down_proj.weight" not in fallbacks and stored["model.layers.0.mlp.down_proj.weight"] == "I4G128"
+    assert set(fallbacks) == {n for n, t in stored.items() if t == "I4G64"}

@@ -403,3 +403,61 @@ def test_container_without_tokenizer_is_a_clear_error(tmp_path) -> None:
     qconvert.quantize(make_hf_folder(tmp_path / "tiny"), out, method="rtn", bits=8)
     with qconvert.load(out) as c, pytest.raises(QConvertError, match="carries no tokenizer"):
         Tokenizer.from_container(c)
+
+
+# -- hostile tokenizer metadata (issue #14 B.2, B.10) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"tokenizer.ggml.tokens": [1, 2, 3]}, "tokenizer.ggml.tokens is not a non-empty list of strings"),
+        ({"tokenizer.ggml.merges": [["h", "e"]]}, "tokenizer.ggml.merges is not a list of strings"),
+        ({"tokenizer.ggml.token_type": [1]}, "has 265 tokens but 1 tokenizer.ggml.token_type"),
+        ({"tokenizer.ggml.pre": ["gpt-2"]}, "tokenizer.ggml.pre is not a string"),
+        ({"tokenizer.ggml.merges": ["h e", "x y"]}, "vocabulary and merges disagree: .*Token `xy` out of vocabulary"),
+    ],
+)
+def test_malformed_gguf_tokenizer_metadata_is_one_sentence(change, message) -> None:
+    meta = dict(_tiny_bpe_metadata(), **change)
+    with pytest.raises(QConvertError, match=message):
+        Tokenizer.from_gguf_metadata(meta)
+
+
+def test_quantize_time_check_refuses_broken_but_not_unsupported_tokenizers() -> None:
+    """A vocabulary whose merges name missing tokens is refused at import; a valid tokenizer of a
+    kind the runtime does not build (model 'bert') is not the import's business."""
+    from qconvert.runtime.tokenizer import UnsupportedTokenizer, check_source_tokenizer
+
+    def source(meta):
+        return SimpleNamespace(tokenizer_json=None, config={}, extra_metadata={"tokenizer.gguf": meta})
+
+    check_source_tokenizer(source(_tiny_bpe_metadata()))
+    unsupported = dict(_tiny_bpe_metadata(), **{"tokenizer.ggml.model": "bert"})
+    check_source_tokenizer(source(unsupported))
+    with pytest.raises(UnsupportedTokenizer):
+        Tokenizer.from_metadata({"tokenizer.gguf": unsupported})
+    with pytest.raises(QConvertError, match="vocabulary and merges disagree"):
+        check_source_tokenizer(source(dict(_tiny_bpe_metadata(), **{"tokenizer.ggml.merges": ["x y"]})))
+
+
+def test_hf_tokenizer_ignores_aux_metadata_of_the_wrong_type() -> None:
+    """A container's ``hf`` / ``model.config`` keys are JSON objects (the reader checks), but what
+    they hold is not: a tokenizer_config that is a list is ignored, not a crash."""
+    text = (_need(STORIES) / "tokenizer.json").read_text()
+    tok = Tokenizer.from_metadata({"tokenizer.json": text, "hf": {"tokenizer_config.json": [1], "generation_config.json": "x"},
+                                   "model.config": {"eos_token_id": {"a": 1}}})
+    assert tok.decode(tok.encode("Once upon a time"), skip_special=True) == "Once upon a time"
+
+
+@pytest.mark.parametrize("special", [{"id": {"a": 1}, "type_id": 0}, {"id": "<zz>", "type_id": 0}])
+def test_post_processor_naming_an_undefined_special_token_is_refused(special) -> None:
+    """tokenizers would panic (a BaseException with a Rust backtrace); found by the fuzzer: a
+    dict where the token's name belongs crashed the check itself (unhashable type)."""
+    import json
+
+    doc = json.loads((_need(STORIES) / "tokenizer.json").read_text())
+    doc["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": special}],
+                             "pair": "not a list", "special_tokens": {}}
+    with pytest.raises(QConvertError, match="post-processor adds the special token"):
+        Tokenizer.from_metadata({"tokenizer.json": json.dumps(doc)})

@@ -11,6 +11,7 @@ is a re-wrap; qconvert's own types use ids from 256 up.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -73,8 +74,8 @@ class BlockType:
         return row_length // self.block_size * self.type_size
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
-        n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
-        return n_rows * self.row_bytes(int(shape[-1]) if shape else 1)
+        # Python ints: a product of hostile dimensions must not wrap around (np.prod does)
+        return math.prod(int(d) for d in shape[:-1]) * self.row_bytes(int(shape[-1]) if shape else 1)
 
     def quantize(self, values: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
         """Float array (last axis a multiple of block_size) -> uint8 array (rows, row_bytes).

@@ -7,7 +7,7 @@ limits in FORMAT.md and against the file size before anything is allocated.
 
 from __future__ import annotations
 
-import json
+import math
 import mmap
 import struct
 import zlib
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..blocks import BlockType, by_id
+from .. import safejson
 from ..errors import QConvertError
 from .format import (
     FIXED_HEADER,
@@ -25,10 +26,17 @@ from .format import (
     MAJOR,
     MAX_ALIGNMENT,
     MAX_DIMS,
+    KEY_TYPES,
     MAX_HEADER_LEN,
+    MAX_JSON_MEMORY,
     MAX_KV,
     MAX_TENSORS,
     MIN_ALIGNMENT,
+    MIN_KV_ENTRY,
+    MIN_TENSOR_ENTRY,
+    PARAMS_ANY_TYPE,
+    PARAMS_KEYS,
+    PREAMBLE_CRC_KEY,
     T_BOOL,
     T_BYTES,
     T_FLOAT64,
@@ -37,6 +45,7 @@ from .format import (
     T_STRING,
     T_UINT64,
     VALUE_TYPE_NAMES,
+    preamble_crc,
 )
 
 
@@ -56,7 +65,7 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)  # Python ints: no wrap-around
 
 
 class _Cursor:
@@ -83,27 +92,47 @@ class _Cursor:
             raise QConvertError(f"corrupt container {self.what}: {kind} is not valid UTF-8") from None
 
 
-def decode_value(vtype: int, raw: bytes, key: str, what: str) -> Any:
+def decode_value(vtype: int, raw: memoryview | bytes, key: str, what: str,
+                 json_budget: safejson.Budget | None = None) -> Any:
+    """One metadata value (FORMAT.md §3); ``json_budget``: what the file's JSON values may
+    still take in memory (each value spends some)."""
     try:
         if vtype == T_UINT64:
             return struct.unpack("<Q", raw)[0]
         if vtype == T_INT64:
             return struct.unpack("<q", raw)[0]
         if vtype == T_FLOAT64:
-            return struct.unpack("<d", raw)[0]
-        if vtype == T_BOOL:
-            if raw not in (b"\x00", b"\x01"):
+            (value,) = struct.unpack("<d", raw)
+            if not math.isfinite(value):
                 raise ValueError
-            return raw == b"\x01"
+            return value
+        if vtype == T_BOOL:
+            if bytes(raw) not in (b"\x00", b"\x01"):
+                raise ValueError
+            return bytes(raw) == b"\x01"
         if vtype == T_STRING:
-            return raw.decode()
+            return str(raw, "utf-8")
         if vtype == T_BYTES:
-            return raw
-        if vtype == T_JSON:
-            return json.loads(raw.decode())
+            return bytes(raw)
     except (struct.error, ValueError, UnicodeDecodeError):
         raise QConvertError(f"corrupt container {what}: metadata value of {key!r} is malformed") from None
+    if vtype == T_JSON:
+        budget = json_budget if json_budget is not None else safejson.Budget(MAX_JSON_MEMORY)
+        return safejson.loads(raw, f"corrupt container {what}: metadata {key!r}", budget)
     raise AssertionError(vtype)
+
+
+def _check_params(info: "TensorInfo", what: str) -> None:
+    """Malformed values of the params keys this version knows (an act-order permutation that
+    is not one) make the file corrupt; unknown keys are refused when the tensor is read."""
+    perm = info.extra.get("input_perm")
+    if perm is not None:
+        n = info.shape[-1]
+        ok = isinstance(perm, list) and len(perm) == n and all(type(i) is int for i in perm)
+        if not ok or sorted(perm) != list(range(n)):
+            raise QConvertError(
+                f"corrupt container {what}: tensor {info.name!r} has an input_perm that is not a permutation of its {n} columns"
+            )
 
 
 class Container:
@@ -130,9 +159,8 @@ class Container:
             raise
 
     def _parse(self, what: str) -> None:
-        magic, major, minor, alignment, header_crc, n_kv, n_tensors, header_len, data_offset = FIXED_HEADER.unpack(
-            self._buf[: FIXED_HEADER.size]
-        )
+        fixed = self._buf[: FIXED_HEADER.size]
+        magic, major, minor, alignment, header_crc, n_kv, n_tensors, header_len, data_offset = FIXED_HEADER.unpack(fixed)
         if magic != MAGIC:
             raise QConvertError(f"{what} is not a qconvert container (bad magic {bytes(magic)!r})")
         if major != MAJOR:
@@ -151,35 +179,41 @@ class Container:
             raise QConvertError(f"corrupt or truncated container {what}: header length {header_len} exceeds the file")
         if data_offset % alignment or data_offset < FIXED_HEADER.size + header_len or data_offset > self.file_size:
             raise QConvertError(f"corrupt or truncated container {what}: data offset {data_offset} is invalid")
-        # Each KV entry takes at least 12 bytes and each tensor entry at least 37: bound the counts
-        # by the header length before looping over them.
-        if n_kv * 12 + n_tensors * 37 > header_len:
+        # bound the counts by the header length (the smallest possible entries) before looping
+        if n_kv * MIN_KV_ENTRY + n_tensors * MIN_TENSOR_ENTRY > header_len:
             raise QConvertError(f"corrupt container {what}: {n_kv} metadata entries and {n_tensors} tensors cannot fit in {header_len} header bytes")
-        header = self._buf[FIXED_HEADER.size : FIXED_HEADER.size + header_len]
-        if zlib.crc32(header) != header_crc:
+        end = FIXED_HEADER.size + header_len
+        if zlib.crc32(self._buf[FIXED_HEADER.size : end]) != header_crc:
             raise QConvertError(f"corrupt container {what}: header checksum mismatch")
+        if any(self._buf[end:data_offset]):
+            raise QConvertError(f"corrupt container {what}: the bytes between the header and the data section are not zero")
         self.data_offset = data_offset
 
-        cur = _Cursor(self._buf, FIXED_HEADER.size, FIXED_HEADER.size + header_len, what)
+        cur = _Cursor(self._buf, FIXED_HEADER.size, end, what)
         self.metadata: dict[str, Any] = {}
         self.metadata_types: dict[str, int] = {}
+        json_budget = safejson.Budget(MAX_JSON_MEMORY)  # shared by every JSON value and params of the file
         for _ in range(n_kv):
             (klen,) = cur.unpack("H")
+            if klen == 0:
+                raise QConvertError(f"corrupt container {what}: a metadata key is empty")
             key = cur.text(klen, "metadata key")
             vtype, vlen = cur.unpack("BQ")
-            raw = bytes(cur.take(vlen))
-            if vtype not in VALUE_TYPE_NAMES:
-                continue  # a value type from a newer minor version: skipped
-            value = decode_value(vtype, raw, key, what)
+            raw = cur.take(vlen)
             if key in self.metadata:
                 raise QConvertError(f"corrupt container {what}: metadata key {key!r} appears twice")
-            self.metadata[key] = value
+            if vtype not in VALUE_TYPE_NAMES:
+                continue  # a value type from a newer minor version: skipped
+            self.metadata[key] = decode_value(vtype, raw, key, what, json_budget)
             self.metadata_types[key] = vtype
+        self._check_metadata(what, bytes(fixed))
 
         self.tensors: dict[str, TensorInfo] = {}
         data_len = self.file_size - data_offset
         for _ in range(n_tensors):
             (nlen,) = cur.unpack("H")
+            if nlen == 0:
+                raise QConvertError(f"corrupt container {what}: a tensor name is empty")
             name = cur.text(nlen, "tensor name")
             (n_dims,) = cur.unpack("B")
             if not 1 <= n_dims <= MAX_DIMS:
@@ -189,10 +223,9 @@ class Container:
             (elen,) = cur.unpack("I")
             extra: dict[str, Any] = {}
             if elen:
-                try:
-                    extra = json.loads(cur.text(elen, "tensor parameters"))
-                except json.JSONDecodeError:
-                    raise QConvertError(f"corrupt container {what}: parameters of tensor {name!r} are not JSON") from None
+                extra = safejson.loads(cur.take(elen), f"corrupt container {what}: the params of tensor {name!r}", json_budget)
+                if not isinstance(extra, dict):
+                    raise QConvertError(f"corrupt container {what}: the params of tensor {name!r} are not a JSON object")
             if name in self.tensors:
                 raise QConvertError(f"corrupt container {what}: tensor {name!r} appears twice")
             if offset % alignment or offset + nbytes > data_len:
@@ -200,24 +233,62 @@ class Container:
                     f"corrupt or truncated container {what}: tensor {name!r} lies outside the file"
                     f" (bytes {data_offset + offset}..{data_offset + offset + nbytes} of {self.file_size})"
                 )
-            self.tensors[name] = TensorInfo(name, tuple(int(d) for d in shape), type_id, offset, nbytes, crc, extra)
+            info = TensorInfo(name, tuple(shape), type_id, offset, nbytes, crc, extra)
+            _check_params(info, what)
+            self.tensors[name] = info
+        if cur.pos != end:
+            raise QConvertError(
+                f"corrupt container {what}: its {n_kv} metadata entries and {n_tensors} tensor entries end at byte"
+                f" {cur.pos}, but the header says they end at byte {end}"
+            )
         self._check_layout(what)
         self._verified: set[str] = set()
+
+    def _check_metadata(self, what: str, fixed: bytes) -> None:
+        """Known keys have the value type FORMAT.md §8 gives them; 1.1 files carry the
+        checksum of their fixed header."""
+        for key, want in KEY_TYPES.items():
+            if key not in self.metadata:
+                continue
+            have = self.metadata_types[key]
+            if want == "object":
+                if have != T_JSON or not isinstance(self.metadata[key], dict):
+                    kind = "JSON " + type(self.metadata[key]).__name__ if have == T_JSON else VALUE_TYPE_NAMES[have]
+                    raise QConvertError(
+                        f"corrupt container {what}: metadata {key!r} is {kind}; FORMAT.md §8 makes it a JSON object"
+                    )
+            elif have != want:
+                raise QConvertError(
+                    f"corrupt container {what}: metadata {key!r} is {VALUE_TYPE_NAMES[have]};"
+                    f" FORMAT.md §8 makes it {VALUE_TYPE_NAMES[want]}"
+                )
+        stored = self.metadata.pop(PREAMBLE_CRC_KEY, None)  # structure, not content: not shown
+        self.metadata_types.pop(PREAMBLE_CRC_KEY, None)
+        if stored is None and self.minor >= 1:
+            raise QConvertError(f"corrupt container {what}: format {self.major}.{self.minor} needs metadata {PREAMBLE_CRC_KEY!r}")
+        if stored is not None and stored != preamble_crc(fixed):
+            raise QConvertError(f"corrupt container {what}: the fixed header (bytes 0-47) fails its checksum")
 
     def _check_layout(self, what: str) -> None:
         end = 0
         for info in sorted(self.tensors.values(), key=lambda t: t.offset):
+            if info.nbytes == 0:
+                continue  # an empty tensor takes no bytes, wherever its offset points
             if info.offset < end:
                 raise QConvertError(f"corrupt container {what}: tensor {info.name!r} overlaps the previous tensor")
             end = info.offset + info.nbytes
+        for info in self.tensors.values():
             try:
                 expected = info.block_type.nbytes(info.shape)
             except QConvertError:
-                continue  # unknown block type or bad shape: reported when the tensor is read
-            if expected != info.nbytes:
+                expected = None  # unknown block type or bad shape: reported when the tensor is read
+            if expected is not None and expected != info.nbytes:
                 raise QConvertError(
                     f"corrupt container {what}: tensor {info.name!r} has {info.nbytes} bytes, its shape and type need {expected}"
                 )
+            # an empty tensor (nbytes 0) is not bounded by its bytes; its other dims must still make an array
+            if math.prod(d for d in info.shape if d) >= 2**60:
+                raise QConvertError(f"corrupt container {what}: tensor {info.name!r} has dimensions {list(info.shape)} no array can have")
 
     # -- tensors --------------------------------------------------------------------------
     def info(self, name: str) -> TensorInfo:
@@ -230,14 +301,22 @@ class Container:
         """The tensor's bytes as a read-only uint8 array (rows, row_bytes), backed by the mmap."""
         info = self.info(name)
         block_type = info.block_type  # raises for a block type this version does not know
+        unknown = set(info.extra) - PARAMS_KEYS.get(block_type.name, set()) - PARAMS_ANY_TYPE
+        if unknown:  # FORMAT.md §4: params keys are must-understand
+            raise QConvertError(
+                f"tensor {name!r} of {self.path} has params this qconvert does not understand"
+                f" ({', '.join(sorted(unknown))}); it may need a newer qconvert"
+            )
         start = self.data_offset + info.offset
         data = np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=start)
         if verify and name not in self._verified:
             if zlib.crc32(data) != info.crc32:
                 raise QConvertError(f"corrupt container {self.path}: checksum mismatch in tensor {name!r}")
             self._verified.add(name)
-        row_len = info.shape[-1]
-        return data.reshape(-1, block_type.row_bytes(row_len))
+        row_bytes = block_type.row_bytes(info.shape[-1])
+        if row_bytes == 0:  # an empty tensor (a zero dimension)
+            return data.reshape(math.prod(info.shape[:-1]), 0)
+        return data.reshape(-1, row_bytes)
 
     def tensor(self, name: str, verify: bool = True) -> np.ndarray:
         """The tensor dequantized to float32, in its shape."""

@@ -2,16 +2,15 @@
 
 The tensor table is known before any tensor is read (names, shapes and block types fix every
 size), so the header is written first with zeroed checksums, the tensors are streamed one by
-one, and the checksums are patched in at the end. Everything goes to a temporary file beside
-the output that is renamed over it only once complete: an interrupted run never leaves a
-partial output.
+one, and the checksums are patched in at the end. Everything goes to a file that gets the
+output's name only once complete (qconvert/atomicfile.py): an interrupted run, even a SIGKILL,
+never leaves a partial output or a temporary file.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomicfile import AtomicFile
 from ..blocks import by_name
 from ..errors import QConvertError
 from .format import (
@@ -36,7 +36,9 @@ from .format import (
     T_JSON,
     T_STRING,
     T_UINT64,
+    PREAMBLE_CRC_KEY,
     pad_to,
+    preamble_crc,
 )
 
 
@@ -111,7 +113,14 @@ class ContainerWriter:
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names")
 
-        self._kv = b"".join(_encode_kv(k, metadata[k]) for k in metadata)
+        if any(d < 0 for s in specs for d in s.shape):
+            raise ValueError("tensor dimensions are non-negative")
+        # the fixed header's checksum comes first (FORMAT.md §2); its value is patched in by close()
+        key = PREAMBLE_CRC_KEY.encode()
+        preamble = struct.pack("<H", len(key)) + key + struct.pack("<BQQ", T_UINT64, 8, 0)
+        self._preamble_pos = len(preamble) - 8
+        metadata = {k: v for k, v in metadata.items() if k != PREAMBLE_CRC_KEY}
+        self._kv = preamble + b"".join(_encode_kv(k, metadata[k]) for k in metadata)
         self._extras = [dict(s.extra) for s in specs]
         offset = 0
         self._offsets: list[int] = []
@@ -122,7 +131,7 @@ class ContainerWriter:
             offset += pad_to(by_name(spec.type_name).nbytes(spec.shape), alignment)
 
         self._header, self._crc_positions = self._build_header(self._extras)
-        self._n_kv = len(metadata)
+        self._n_kv = len(metadata) + 1
         reserved = len(self._header) + sum(
             max(0, s.extra_reserve - len(canonical_json(e) if e else b"")) for s, e in zip(specs, self._extras)
         )
@@ -131,9 +140,8 @@ class ContainerWriter:
         self._next = 0
         self._crcs: list[int] = []
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self._file = open(self._tmp, "wb")
+        self._out = AtomicFile(self.path)  # no name until complete: a kill leaves nothing behind
+        self._file = self._out.file
         try:
             self._file.write(self._fixed_header(0))
             self._file.write(self._header)
@@ -190,22 +198,16 @@ class ContainerWriter:
         self._header, self._crc_positions = self._build_header(self._extras)
         for pos, crc in zip(self._crc_positions, self._crcs):
             struct.pack_into("<I", self._header, pos, crc)
+        struct.pack_into("<Q", self._header, self._preamble_pos, preamble_crc(self._fixed_header(0)))
         self._file.seek(0)
         self._file.write(self._fixed_header(zlib.crc32(self._header)))
         self._file.write(self._header)
         self._file.write(b"\0" * (self._data_offset - FIXED_HEADER.size - len(self._header)))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self.path)
-        return self.path
+        return self._out.commit()
 
     def abort(self) -> None:
-        """Drop the temporary file; the output path is left as it was."""
-        try:
-            self._file.close()
-        finally:
-            self._tmp.unlink(missing_ok=True)
+        """Drop what was written; the output path is left as it was."""
+        self._out.discard()
 
     def __enter__(self) -> "ContainerWriter":
         return self

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomicfile import AtomicFile
 from ..container import Container, open_container
 from .model import container_activations, container_weights, dequantized_value, onnx_module, stored_graph
 from .qdq import Names, activation_targets, add_activation_qdq, add_opset, ensure_opset
@@ -198,15 +199,21 @@ def _export(c: Container, output: Path, contrib_ops: bool) -> dict[str, Any]:
     model.producer_name, model.producer_version = "qconvert", c.metadata.get("qconvert.version", "")
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    try:
-        if model.ByteSize() < _PROTO_LIMIT:
-            tmp.write_bytes(model.SerializeToString(deterministic=True))
-        else:
+    if model.ByteSize() < _PROTO_LIMIT:
+        out = AtomicFile(output)  # complete or absent, even after a SIGKILL
+        try:
+            out.file.write(model.SerializeToString(deterministic=True))
+        except BaseException:
+            out.discard()
+            raise
+        out.commit()
+    else:
+        tmp = output.with_name(f".{output.name}.tmp")
+        try:
             onnx.save(model, str(tmp), save_as_external_data=True, location=output.name + ".data")
-        tmp.replace(output)
-    finally:
-        tmp.unlink(missing_ok=True)
+            tmp.replace(output)
+        finally:
+            tmp.unlink(missing_ok=True)
     counts = {k: sum(1 for v in plan.values() if v == k) for k in ("per_channel", "blocked", "nbits", "float")}
     return {
         "output": str(output),

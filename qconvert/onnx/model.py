@@ -95,8 +95,33 @@ class ConstRef:
 
     def load_rows(self) -> np.ndarray:
         """The values as float32, in the container orientation."""
-        arr = onnx_module().numpy_helper.to_array(self.proto)
-        return to_rows(np.asarray(arr, dtype=np.float32), self.layout)
+        check_tensor_data(self.proto)
+        try:
+            arr = onnx_module().numpy_helper.to_array(self.proto)
+        except Exception as e:  # onnx raises ValueError/TypeError/... on inconsistent protos
+            raise QConvertError(f"ONNX tensor {self.name!r} cannot be read ({type(e).__name__}: {str(e)[:100]})") from None
+        return to_rows(np.asarray(arr, dtype=np.float32).reshape(self.dims), self.layout)
+
+
+def check_tensor_data(t) -> None:
+    """A float TensorProto's data must hold exactly the elements its dims say (a hostile or
+    corrupt model gives other lengths; negative dims are never valid for a tensor)."""
+    dims = list(t.dims)
+    if any(d < 0 for d in dims):
+        raise QConvertError(f"ONNX tensor {t.name!r} has a negative dimension {dims}")
+    if t.data_type not in _DTYPE_NAMES or t.data_location == t.EXTERNAL:
+        return
+    n = math.prod(dims)
+    itemsize = 4 if t.data_type == FLOAT else 2
+    if t.HasField("raw_data") or not (t.float_data or t.int32_data):
+        have, want = len(t.raw_data), n * itemsize
+    else:
+        have, want = len(t.float_data) if t.data_type == FLOAT else len(t.int32_data), n
+    if have != want:
+        raise QConvertError(
+            f"ONNX tensor {t.name!r} of shape {dims} needs {want} {'bytes' if t.HasField('raw_data') else 'values'}"
+            f" of data but holds {have}"
+        )
 
 
 def to_rows(arr: np.ndarray, layout: str) -> np.ndarray:
@@ -135,6 +160,7 @@ def find_constants(model) -> dict[str, ConstRef]:
             t, origin = consts.get(w), "constant"
         if t is None or t.data_type not in _DTYPE_NAMES:
             continue
+        check_tensor_data(t)
         dims = tuple(int(d) for d in t.dims)
         if n.op_type == "MatMul":
             ok, layout = len(dims) == 2, "in_out"
@@ -153,6 +179,7 @@ def find_constants(model) -> dict[str, ConstRef]:
         ref.consumers.append(Consumer(i, n.op_type, node_label(n, i), activation))
     for t in g.initializer:
         if t.name not in refs and t.data_type in _DTYPE_NAMES and math.prod(t.dims) >= BIG_CONSTANT:
+            check_tensor_data(t)
             refs[t.name] = ConstRef(t.name, tuple(int(d) for d in t.dims), t.data_type, "initializer", "constant",
                                     "as_is", proto=t)
     return refs
@@ -193,6 +220,9 @@ def load_model(path: str | Path):
         raise QConvertError(f"{path} is not a readable ONNX model ({type(e).__name__}: {str(e)[:120]})") from None
     if not model.graph.node:
         raise QConvertError(f"{path} is not an ONNX model with a graph (no nodes)")
+    where = text_problem(model)
+    if where:
+        raise QConvertError(f"{path} is not a readable ONNX model: its {where} is not UTF-8 text")
     base = path.resolve().parent
     files = [(path.name, path)]
     for loc in _external_locations(model):
@@ -300,13 +330,106 @@ def stored_graph(c):
     if not isinstance(raw, (bytes, bytearray)):
         raise QConvertError(f"corrupt container {c.path}: the ONNX graph (metadata onnx.graph) is missing")
     try:
-        return onnx.load_from_string(bytes(raw))
+        model = onnx.load_from_string(bytes(raw))
     except Exception:
         raise QConvertError(f"corrupt container {c.path}: metadata onnx.graph is not a serialized ONNX model") from None
+    where = text_problem(model)
+    if where:
+        raise QConvertError(f"corrupt container {c.path}: the stored ONNX graph has a {where} that is not UTF-8 text")
+    _check_external_refs(c, model)
+    return model
+
+
+def text_problem(message) -> str | None:
+    """The first string field of a protobuf message that is not UTF-8 text, or None.
+
+    ONNX's .proto is proto2, whose parser hands an invalid-UTF-8 ``string`` field back as
+    ``bytes``: an op type or a tensor name would then be bytes where every caller expects str.
+    Repeated scalars (tensor data) are skipped; only messages and strings are visited."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    stack = [message]
+    while stack:
+        msg = stack.pop()
+        for desc, value in msg.ListFields():
+            if desc.type == FieldDescriptor.TYPE_MESSAGE:
+                stack.extend(value if _is_repeated(desc) else [value])
+            elif desc.type == FieldDescriptor.TYPE_STRING:
+                values = value if _is_repeated(desc) else [value]
+                if any(not isinstance(v, str) for v in values):
+                    return f"{msg.DESCRIPTOR.name}.{desc.name}"
+    return None
+
+
+def _is_repeated(desc) -> bool:
+    repeated = getattr(desc, "is_repeated", None)  # protobuf >= 5.28; label is deprecated
+    return repeated if isinstance(repeated, bool) else desc.label == desc.LABEL_REPEATED
+
+
+def _check_external_refs(c, model) -> None:
+    """Every tensor of a stored graph with external data is a placeholder for a container
+    tensor. Any other external reference (an absolute path, ``../``) would make ``run`` read, and
+    ``export`` point at, a file outside the container: refused."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    weights = container_weights(c)
+    n_nodes = len(model.graph.node)
+    for name, e in weights.items():
+        if any(not 0 <= x["node"] < n_nodes for x in e["consumers"]):
+            raise QConvertError(f"corrupt container {c.path}: onnx.weights entry {name!r} names a node the stored graph lacks")
+    for t in _get_all_tensors(model):
+        if t.data_location != t.EXTERNAL:
+            continue
+        entries = {e.key: e.value for e in t.external_data}
+        if entries.get("location") != CONTAINER_LOCATION or entries.get(TENSOR_KEY) not in weights:
+            raise QConvertError(
+                f"corrupt container {c.path}: the stored ONNX graph refers to the external data"
+                f" {entries.get('location')!r} for tensor {t.name!r}; only the container's own tensors may be external"
+            )
+
+
+_LAYOUTS = ("in_out", "out_in", "conv", "as_is")
 
 
 def container_weights(c) -> dict[str, dict]:
-    return c.metadata.get("onnx.weights") or {}
+    """``onnx.weights``, each entry checked against its container tensor (a hostile file with
+    valid checksums must give one sentence, not a KeyError deep in ``run`` or ``export``)."""
+    weights = c.metadata.get("onnx.weights") or {}
+    for name, e in weights.items():
+        problem = _weight_entry_problem(c, e)
+        if problem:
+            raise QConvertError(f"corrupt container {c.path}: onnx.weights entry {name!r} {problem}")
+    return weights
+
+
+def _weight_entry_problem(c, e: Any) -> str | None:
+    if not isinstance(e, dict):
+        return "is not a JSON object"
+    ints = lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)  # noqa: E731
+    if not isinstance(e.get("tensor"), str) or e["tensor"] not in c.tensors:
+        return "names no tensor of the container"
+    if not ints(e.get("shape")) or e.get("dtype") not in ("float32", "float16") or e.get("layout") not in _LAYOUTS:
+        return "has a malformed shape, dtype or layout"
+    if type(e.get("row_length")) is not int or not isinstance(e.get("type"), str) or not isinstance(e.get("scheme"), str):
+        return "has a malformed row_length, type or scheme"
+    if e.get("role") not in ("weight", "constant"):
+        return "has a malformed role"
+    cons = e.get("consumers")
+    if not isinstance(cons, list) or not all(
+        isinstance(x, dict) and type(x.get("node")) is int and isinstance(x.get("op"), str) for x in cons
+    ):
+        return "has malformed consumers"
+    shape, info = e["shape"], c.tensors[e["tensor"]]
+    layout, stored = e["layout"], info.shape
+    if layout == "as_is":
+        ok = list(stored) == shape
+    elif layout in ("in_out", "out_in"):
+        rows, cols = (shape[1], shape[0]) if layout == "in_out" else (shape[0], shape[1] if len(shape) > 1 else -1)
+        ok = len(shape) == 2 and len(stored) == 2 and stored[0] == rows and e["row_length"] == cols <= stored[1]
+    else:
+        ok = (len(shape) >= 3 and len(stored) == 2 and stored[0] == shape[0]
+              and e["row_length"] == math.prod(shape[1:]) <= stored[1])
+    return None if ok else f"does not match the shape {list(stored)} of tensor {e['tensor']!r}"
 
 
 def container_activations(c) -> dict[str, Any] | None:
@@ -374,7 +497,9 @@ def _value_spec(vi) -> InputSpec:
             dtype = None
     shape = None
     if tt.HasField("shape"):
-        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+        # a negative dim_value is how some exporters (PaddlePaddle's) mark a dynamic dimension
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else (d.dim_param or None)
+                 for d in tt.shape.dim]
     return InputSpec(vi.name, dtype, shape)
 
 

@@ -81,7 +81,15 @@ def activation_targets(model, activations: dict[str, Any] | None) -> dict[str, d
         return {}
     g = model.graph
     out = {}
-    for t, a in activations["tensors"].items():
+    tensors = activations.get("tensors") if isinstance(activations, dict) else None
+    if not isinstance(tensors, dict):
+        raise QConvertError("corrupt container: onnx.activations has no tensors object")
+    for t, a in tensors.items():
+        ok = (isinstance(a, dict) and isinstance(a.get("nodes"), list) and all(type(i) is int for i in a["nodes"])
+              and isinstance(a.get("scale"), (int, float)) and not isinstance(a.get("scale"), bool) and a["scale"] > 0
+              and type(a.get("zero_point")) is int and 0 <= a["zero_point"] <= 255)
+        if not ok:
+            raise QConvertError(f"corrupt container: onnx.activations entry {t!r} needs nodes, a positive scale and a zero_point 0-255")
         keys = []
         for idx in a["nodes"]:
             if not 0 <= idx < len(g.node) or not g.node[idx].output or t not in g.node[idx].input[:1]:

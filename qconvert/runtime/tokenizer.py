@@ -29,13 +29,53 @@ Evaluation protocols that always want a BOS pass ``add_bos=True``.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any, Iterable, Mapping
+import os
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
+from .. import safejson
 from ..errors import QConvertError
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 while native code runs: a Rust panic prints its message and
+    backtrace there before it becomes a Python exception, and the user should see one line."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _native(call: Callable[[], T], what: str) -> T:
+    """Run a ``tokenizers`` call; its errors, panics included, become one QConvertError.
+
+    A Rust panic surfaces as ``pyo3_runtime.PanicException``, a BaseException that no
+    ``except Exception`` catches."""
+    try:
+        return call()
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
+        raise
+    except QConvertError:
+        raise
+    except BaseException as e:  # noqa: BLE001 - PanicException derives from BaseException
+        detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise QConvertError(f"{what}: {detail}") from None
+
 
 # GGUF token types (gguf-py TokenType / llama.cpp llama_token_type)
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -199,25 +239,25 @@ def _build_gpt2(keys: _GGUFKeys) -> tuple[tokenizers.Tokenizer, bool]:
         raise QConvertError("GGUF byte-level BPE tokenizer (model 'gpt2') has no tokenizer.ggml.merges list")
     pre = keys.get("pre") or "default"
     if pre not in BPE_PRE_TOKENIZERS:
-        raise QConvertError(
+        raise UnsupportedTokenizer(
             f"GGUF tokenizer pre-tokenizer {pre!r} is not supported; known: {', '.join(sorted(BPE_PRE_TOKENIZERS))}"
         )
     splits, ignore_merges, add_bos_default = BPE_PRE_TOKENIZERS[pre]
     vocab = _vocab_of(tokens)
     unk_id = keys.get("unknown_token_id")
-    model = models.BPE(
+    model = _native(lambda: models.BPE(
         vocab=vocab,
         merges=_split_merges(merges),
         unk_token=tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None,
         ignore_merges=ignore_merges,
-    )
+    ), "the GGUF tokenizer's vocabulary and merges disagree")
     tok = tokenizers.Tokenizer(model)
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(_special_added_tokens(tokens, types, vocab))
+    _native(lambda: tok.add_special_tokens(_special_added_tokens(tokens, types, vocab)), "the GGUF tokenizer's special tokens")
     return tok, add_bos_default
 
 
@@ -234,7 +274,8 @@ def _build_spm(keys: _GGUFKeys) -> tuple[tokenizers.Tokenizer, bool]:
         raise QConvertError("GGUF SentencePiece tokenizer (model 'llama') has neither scores nor merges")
     unk_id = keys.get("unknown_token_id", 0)
     unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
-    model = models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    model = _native(lambda: models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True),
+                    "the GGUF tokenizer's vocabulary and merges disagree")
     tok = tokenizers.Tokenizer(model)
     add_space_prefix = keys.get("add_space_prefix", True)
     # llama.cpp: ' ' + text at the start and after each special token, then ' ' -> '▁'. A normalizer
@@ -244,21 +285,58 @@ def _build_spm(keys: _GGUFKeys) -> tuple[tokenizers.Tokenizer, bool]:
     tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
     strip = [decoders.Strip(" ", 1, 0)] if add_space_prefix else []
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()] + strip)
-    tok.add_special_tokens(_special_added_tokens(tokens, types, vocab))
+    _native(lambda: tok.add_special_tokens(_special_added_tokens(tokens, types, vocab)), "the GGUF tokenizer's special tokens")
     return tok, True
 
 
 _GGUF_BUILDERS = {"gpt2": _build_gpt2, "llama": _build_spm}
 
 
+class UnsupportedTokenizer(QConvertError):
+    """A well-formed tokenizer of a kind qconvert's runtime does not build (the model can still
+    be quantized; it cannot be run)."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# tokenizer.ggml.X -> (what it must be, a check); absent keys are fine
+_GGUF_KEY_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "model": ("a string", lambda v: isinstance(v, str)),
+    "pre": ("a string", lambda v: isinstance(v, str)),
+    "tokens": ("a non-empty list of strings", lambda v: isinstance(v, list) and v and all(isinstance(t, str) for t in v)),
+    "merges": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(m, str) for m in v)),
+    "scores": ("a list of numbers", lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)),
+    "token_type": ("a list of integers", lambda v: isinstance(v, list) and all(_is_int(x) for x in v)),
+    "add_space_prefix": ("true or false", lambda v: isinstance(v, bool)),
+}
+
+
+def check_gguf_tokenizer_keys(keys: "_GGUFKeys") -> None:
+    """The types llama.cpp gives each ``tokenizer.ggml.*`` key, and lists that agree in length."""
+    if keys.get("tokens") is None:
+        raise QConvertError("GGUF tokenizer metadata has no tokenizer.ggml.tokens list")
+    for key, (want, ok) in _GGUF_KEY_CHECKS.items():
+        value = keys.get(key)
+        if value is not None and not ok(value):
+            raise QConvertError(f"GGUF tokenizer metadata tokenizer.ggml.{key} is not {want}")
+    n = len(keys.get("tokens"))
+    for key in ("scores", "token_type"):
+        value = keys.get(key)
+        if value is not None and len(value) != n:
+            raise QConvertError(
+                f"GGUF tokenizer metadata has {n} tokens but {len(value)} tokenizer.ggml.{key}; they must agree"
+            )
+
+
 def tokenizer_from_gguf_metadata(kv: Mapping[str, Any]) -> tuple[tokenizers.Tokenizer, bool]:
     """``(tokenizer, llama.cpp's add_bos default)`` for GGUF ``tokenizer.ggml.*`` keys."""
     keys = _GGUFKeys(kv)
+    check_gguf_tokenizer_keys(keys)
     kind = keys.get("model")
-    if not isinstance(keys.get("tokens"), list) or not keys.get("tokens"):
-        raise QConvertError("GGUF tokenizer metadata has no tokenizer.ggml.tokens list")
     if kind not in _GGUF_BUILDERS:
-        raise QConvertError(
+        raise UnsupportedTokenizer(
             f"GGUF tokenizer model {kind!r} is not supported; qconvert builds 'gpt2' (byte-level BPE) "
             "and 'llama' (SentencePiece) tokenizers"
         )
@@ -275,6 +353,50 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
         return value["content"]
     return None
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """A JSON object from a container (or {} when a hostile file holds something else)."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def check_post_processor(tokenizer_json: str) -> None:
+    """tokenizers panics (a Rust backtrace, a BaseException) when a TemplateProcessing
+    post-processor names a special token its ``special_tokens`` table lacks; refuse such a
+    tokenizer.json with one sentence before the library sees it."""
+    if "TemplateProcessing" not in tokenizer_json:
+        return  # the only post-processor known to panic; no need to parse the whole file
+    doc = safejson.loads(tokenizer_json, "tokenizer.json")
+    if not isinstance(doc, dict):
+        raise QConvertError("tokenizer.json is not a JSON object")
+    stack = [doc.get("post_processor")]
+    while stack:
+        pp = stack.pop()
+        if not isinstance(pp, dict):
+            continue
+        if pp.get("type") == "Sequence":
+            processors = pp.get("processors")
+            stack.extend(processors if isinstance(processors, list) else [])
+            continue
+        if pp.get("type") != "TemplateProcessing":
+            continue
+        table = pp.get("special_tokens")
+        table = table if isinstance(table, dict) else {}
+        for name in ("single", "pair"):
+            pieces = pp.get(name)
+            for piece in pieces if isinstance(pieces, list) else []:
+                special = piece.get("SpecialToken") if isinstance(piece, dict) else None
+                token = special.get("id") if isinstance(special, dict) else None
+                if token is not None and (not isinstance(token, str) or token not in table):
+                    raise QConvertError(
+                        f"tokenizer.json's post-processor adds the special token {token!r}, which its"
+                        " special_tokens table does not define"
+                    )
+        for token, entry in table.items():
+            ids = entry.get("ids") if isinstance(entry, dict) else None
+            tokens = entry.get("tokens") if isinstance(entry, dict) else None
+            if not isinstance(ids, list) or not isinstance(tokens, list) or len(ids) != len(tokens):
+                raise QConvertError(f"tokenizer.json's post-processor entry for {token!r} needs as many ids as tokens")
 
 
 def _ids(value: Any) -> list[int]:
@@ -327,16 +449,24 @@ class Tokenizer:
 
     @classmethod
     def from_container(cls, container: Any) -> "Tokenizer":
-        meta = container.metadata
-        config = meta.get("model.config") or {}
+        tok = cls.from_metadata(container.metadata)
+        if tok is None:
+            raise QConvertError(
+                f"container {getattr(container, 'path', '')} carries no tokenizer (neither tokenizer.json nor GGUF "
+                "tokenizer metadata); convert from a source that has one"
+            )
+        return tok
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any]) -> "Tokenizer | None":
+        """The tokenizer of a container's metadata (``tokenizer.json`` + ``hf``, or
+        ``tokenizer.gguf``), None when it has none."""
+        config = _mapping(meta.get("model.config"))
         if isinstance(meta.get("tokenizer.json"), str):
             return cls._from_hf(meta["tokenizer.json"], meta.get("hf") or {}, config)
         if isinstance(meta.get("tokenizer.gguf"), Mapping):
             return cls.from_gguf_metadata(meta["tokenizer.gguf"], config)
-        raise QConvertError(
-            f"container {getattr(container, 'path', '')} carries no tokenizer (neither tokenizer.json nor GGUF "
-            "tokenizer metadata); convert from a source that has one"
-        )
+        return None
 
     @classmethod
     def from_gguf_metadata(cls, kv: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> "Tokenizer":
@@ -344,7 +474,7 @@ class Tokenizer:
         keys = _GGUFKeys(kv)
         bos = keys.get("bos_token_id")
         eos = _ids(keys.get("eos_token_id")) + _ids(keys.get("eot_token_id")) + _ids(keys.get("eom_token_id"))
-        eos += [i for i in _ids((config or {}).get("eos_token_id")) if i not in eos]
+        eos += [i for i in _ids(_mapping(config).get("eos_token_id")) if i not in eos]
         add_bos = keys.get("add_bos_token")
         add_eos = keys.get("add_eos_token")
         template = kv.get("tokenizer.chat_template", kv.get("chat_template"))
@@ -359,13 +489,14 @@ class Tokenizer:
 
     @classmethod
     def _from_hf(cls, tokenizer_json: str, hf: Mapping[str, Any], config: Mapping[str, Any]) -> "Tokenizer":
-        try:
-            backend = tokenizers.Tokenizer.from_str(tokenizer_json)
-        except Exception as e:  # the library raises plain Exception subclasses on bad JSON
-            raise QConvertError(f"the container's tokenizer.json cannot be loaded: {e}") from None
-        tok_config = hf.get("tokenizer_config.json") or {}
-        gen_config = hf.get("generation_config.json") or {}
-        special_map = hf.get("special_tokens_map.json") or {}
+        check_post_processor(tokenizer_json)
+        with _quiet_stderr():
+            backend = _native(lambda: tokenizers.Tokenizer.from_str(tokenizer_json), "tokenizer.json cannot be loaded")
+        hf = _mapping(hf)
+        tok_config = _mapping(hf.get("tokenizer_config.json"))
+        gen_config = _mapping(hf.get("generation_config.json"))
+        special_map = _mapping(hf.get("special_tokens_map.json"))
+        config = _mapping(config)
 
         def token_id(name: str) -> int | None:
             text = _token_text(tok_config.get(name)) or _token_text(special_map.get(name))
@@ -394,8 +525,10 @@ class Tokenizer:
         )
 
     def _post_processor_affixes(self) -> tuple[list[int], list[int]]:
-        plain = self.backend.encode("a", add_special_tokens=False).ids
-        full = self.backend.encode("a", add_special_tokens=True).ids
+        with _quiet_stderr():
+            plain = _native(lambda: self.backend.encode("a", add_special_tokens=False).ids, "the tokenizer cannot encode")
+            full = _native(lambda: self.backend.encode("a", add_special_tokens=True).ids,
+                           "the tokenizer's post-processor cannot add its special tokens")
         for k in range(len(full) - len(plain) + 1):
             if full[k : k + len(plain)] == plain:
                 return full[:k], full[k + len(plain) :]
@@ -414,7 +547,7 @@ class Tokenizer:
         """Token ids of ``text``. ``add_bos``/``add_eos``: None follows the model's default.
 
         Special-token texts such as ``<|im_start|>`` in ``text`` become their ids."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        ids = _native(lambda: self.backend.encode(text, add_special_tokens=False).ids, "the tokenizer cannot encode this text")
         if add_bos is None:
             prefix = self._default_prefix
         else:
@@ -426,7 +559,8 @@ class Tokenizer:
         return prefix + ids + suffix
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+        ids = [int(i) for i in ids]
+        return _native(lambda: self.backend.decode(ids, skip_special_tokens=skip_special), "the tokenizer cannot decode")
 
     def decode_stream(self, skip_special: bool = False, context: Iterable[int] = ()) -> "DecodeStream":
         """An incremental decoder; ``context`` are ids already shown, e.g. the prompt."""
@@ -467,6 +601,28 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_ids={sorted(self.eos_ids)})"
+
+
+# Letters, digits, punctuation, spaces, a newline, accents, CJK and an emoji: one pass through
+# the normalizer, pre-tokenizer, model, post-processor and decoder.
+PROBE_TEXT = "Hello, world! 123 4567 naïve café ✓ 日本語 🙂\n\t  end."
+
+
+def check_source_tokenizer(source: Any) -> None:
+    """Build the tokenizer a container of this source will carry and run it once, so that a
+    broken tokenizer (vocabulary and merges that disagree, a post-processor naming an unknown
+    special token, malformed GGUF tokenizer keys) is refused at quantize time, not at ``run``.
+    A well-formed tokenizer of a kind the runtime does not build is not an error here."""
+    meta: dict[str, Any] = {**source.extra_metadata, "model.config": source.config}
+    if source.tokenizer_json is not None:
+        meta["tokenizer.json"] = source.tokenizer_json
+    try:
+        tok = Tokenizer.from_metadata(meta)
+    except UnsupportedTokenizer:
+        return
+    if tok is not None:
+        with _quiet_stderr():
+            tok.decode(tok.encode(PROBE_TEXT, add_bos=True, add_eos=True))
 
 
 class DecodeStream:

@@ -55,6 +55,10 @@ def open_source(spec: str, revision: str | None = None) -> Source:
 
         return open_onnx(path)
     if path.is_file() and path.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
+        from .llama2c import refusal
+
+        if path.suffix.lower() == ".bin" and (sentence := refusal(path)) is not None:
+            raise QConvertError(sentence)
         raise QConvertError(
             f"{path.name} is a pickle checkpoint; qconvert never unpickles (it can run arbitrary code):"
             " convert it to safetensors first"

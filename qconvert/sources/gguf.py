@@ -35,6 +35,10 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_TENSORS = 1_000_000
 MAX_KVS = 1_000_000
 MAX_ARRAY_DEPTH = 4
+# Elements of all metadata arrays together: each becomes a Python object (up to ~40 bytes from
+# 1 byte of file) and is copied into the container's JSON metadata. A 262k vocabulary with
+# scores, token types and merges has about 1.1 million.
+MAX_ARRAY_ELEMENTS = 4_000_000
 HASH_CHUNK = 1 << 20
 
 # gguf_type -> (struct format, numpy dtype); STRING=8 and ARRAY=9 are handled apart.
@@ -51,7 +55,7 @@ _SCALARS: dict[int, tuple[str, str]] = {
     11: ("<q", "<i8"),
     12: ("<d", "<f8"),
 }
-_STRING, _ARRAY, _BOOL, _FLOAT32 = 8, 9, 7, 6
+_STRING, _ARRAY, _BOOL, _FLOAT32, _FLOAT64 = 8, 9, 7, 6, 12
 _VALUE_TYPE_NAMES = {
     0: "UINT8", 1: "INT8", 2: "UINT16", 3: "INT16", 4: "UINT32", 5: "INT32", 6: "FLOAT32",
     7: "BOOL", 8: "STRING", 9: "ARRAY", 10: "UINT64", 11: "INT64", 12: "FLOAT64",
@@ -111,6 +115,16 @@ class _Reader:
         self.size = len(buf)
         self.pos = 0
         self.file_name = file_name
+        self.elements_left = MAX_ARRAY_ELEMENTS
+
+    def spend(self, count: int, what: str) -> None:
+        """Account for ``count`` array elements about to become Python objects."""
+        if count > self.elements_left:
+            raise QConvertError(
+                f"GGUF file {self.file_name}: {what} would bring its metadata arrays to more than"
+                f" {MAX_ARRAY_ELEMENTS:,} elements, more than qconvert accepts (a 262k-token vocabulary needs about 1.1 million)"
+            )
+        self.elements_left -= count
 
     @property
     def remaining(self) -> int:
@@ -181,6 +195,8 @@ class _Reader:
             v = self.scalar(fmt, what)
             if value_type == _BOOL:
                 return bool(v)
+            if value_type in (_FLOAT32, _FLOAT64) and not np.isfinite(v):
+                raise QConvertError(f"GGUF file {self.file_name}: {what} is {v}, which qconvert cannot store (JSON has no NaN or infinity)")
             if value_type == _FLOAT32:
                 return _shortest_float32(v)
             return v
@@ -197,16 +213,25 @@ class _Reader:
                 fmt, dtype = _SCALARS[elem_type]
                 nbytes = count * struct.calcsize(fmt)
                 self.need(nbytes, f"{count} elements of {what}")
+                self.spend(count, f"{what} ({count:,} elements)")
                 arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
                 self.pos += nbytes
                 if elem_type == _BOOL:
                     return [bool(x) for x in arr]
+                if elem_type in (_FLOAT32, _FLOAT64) and not np.isfinite(arr).all():
+                    bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+                    raise QConvertError(
+                        f"GGUF file {self.file_name}: {what}[{bad}] is {arr[bad]}, which qconvert cannot store"
+                        " (JSON has no NaN or infinity)"
+                    )
                 return arr.tolist()
             if elem_type == _STRING:
                 self.need(count * 8, f"{count} elements of {what}")  # each has an 8-byte length
+                self.spend(count, f"{what} ({count:,} elements)")
                 return self.string_array(count, what)
             if elem_type == _ARRAY:
                 self.need(count * 12, f"{count} elements of {what}")  # each has a 12-byte header
+                self.spend(count, f"{what} ({count:,} elements)")
                 return [self.value(elem_type, f"{what}[{i}]", depth + 1) for i in range(count)]
             raise QConvertError(
                 f"corrupt GGUF file {self.file_name}: {what} has unknown array element type {elem_type}"
@@ -363,6 +388,16 @@ def _block_type(info: _TensorInfo):
     return block_type, nbytes
 
 
+def _check_no_overlap(ranges: list[tuple[int, int, str]], file_name: str) -> None:
+    """Two tensors sharing bytes (aliased data) make a file whose meaning depends on the reader."""
+    prev_end, prev_name = 0, ""
+    for start, end, name in sorted(ranges):
+        if start < prev_end:
+            raise QConvertError(f"corrupt GGUF file {file_name}: tensors {prev_name!r} and {name!r} share bytes {start}..{min(end, prev_end)}")
+        if end > prev_end:
+            prev_end, prev_name = end, name
+
+
 def open_gguf(path: str | Path) -> Source:
     """Open a GGUF file (llama architecture) lazily; call ``close()`` (or use ``with``) when done."""
     path = Path(path)
@@ -425,9 +460,11 @@ def _open(mm: mmap.mmap, path: Path, size: int) -> Source:
 
     tensors: list[SourceTensor] = []
     rope_freqs: list[float] | None = None
+    ranges: list[tuple[int, int, str]] = []
     for info in infos:
         block_type, nbytes = _block_type(info)
         start = data_start + info.offset
+        ranges.append((start, start + nbytes, info.name))
         if start >= size:
             raise QConvertError(
                 f"corrupt GGUF file {path.name}: tensor {info.name!r} starts at byte {start} "
@@ -485,6 +522,7 @@ def _open(mm: mmap.mmap, path: Path, size: int) -> Source:
             load = _shifted(load, -offset)
         tensors.append(SourceTensor(hf_name, info.shape, block_type.name, load))
 
+    _check_no_overlap(ranges, path.name)
     if rope_freqs is not None:
         # llama.cpp stores Llama-3.1-style frequency scaling only as this tensor; the runtime
         # divides RoPE's frequencies by it (arch/llama.py).

@@ -8,7 +8,7 @@ time. Pickle checkpoints (``pytorch_model.bin``, ``*.pt``) are refused, never un
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import mmap
 import os
 import re
@@ -18,12 +18,16 @@ from typing import Any
 
 import numpy as np
 
+from .. import safejson
 from ..errors import QConvertError
 from .base import Source, SourceTensor
 
 _FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}  # bytes per element
+# every safetensors dtype (safetensors' Dtype): bytes per element, to check each entry's length
+_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # safetensors' own limit; safejson bounds the memory it takes
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -69,7 +73,11 @@ def resolve_checkpoint(spec: str, revision: str | None = None) -> tuple[Path, di
 
 
 class _SafetensorsFile:
-    """One .safetensors file: parsed header, lazily mmap'd data."""
+    """One .safetensors file: parsed header, lazily mmap'd data.
+
+    Every entry is checked before any tensor is read: dtype a string, shape non-negative
+    integers, byte length = elements × element size (Python ints: no overflow), inside the
+    data, and no two tensors sharing bytes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -81,30 +89,45 @@ class _SafetensorsFile:
             if n > MAX_SAFETENSORS_HEADER or 8 + n > self.size:
                 raise QConvertError(
                     f"corrupt or truncated safetensors file {path.name}: header of {n} bytes does not fit in {self.size} bytes"
+                    + (f" (qconvert reads headers of at most {MAX_SAFETENSORS_HEADER >> 20} MiB)" if 8 + n <= self.size else "")
                 )
             raw = f.read(n)
         try:
-            header = json.loads(raw.decode())
-            if not isinstance(header, dict):
-                raise ValueError
-        except (UnicodeDecodeError, ValueError):
-            raise QConvertError(f"corrupt safetensors file {path.name}: header is not a JSON object") from None
+            header = safejson.load_object(raw, "header")
+        except safejson.JSONRefused as e:
+            raise QConvertError(f"corrupt safetensors file {path.name}: header is not a JSON object ({e.reason})") from None
         self.data_start = 8 + n
-        self.metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise QConvertError(f"corrupt safetensors file {path.name}: __metadata__ is not a JSON object")
+        self.metadata = metadata
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         data_len = self.size - self.data_start
         for name, e in header.items():
-            try:
-                dtype, shape, (begin, end) = e["dtype"], tuple(int(d) for d in e["shape"]), e["data_offsets"]
-                begin, end = int(begin), int(end)
-            except (KeyError, TypeError, ValueError):
-                raise QConvertError(f"corrupt safetensors file {path.name}: bad header entry for {name!r}") from None
-            if end > data_len or begin > end or any(d < 0 for d in shape):
+            dtype, shape, begin, end = _entry(e)
+            if dtype is None:
+                raise QConvertError(f"corrupt safetensors file {path.name}: bad header entry for {name!r}")
+            if end > data_len or begin > end:
                 raise QConvertError(
                     f"truncated or corrupt safetensors file {path.name}: tensor {name!r} needs bytes"
                     f" {begin}..{end} of the data but the file holds {data_len}"
                 )
+            itemsize = _DTYPE_SIZES.get(dtype)
+            if itemsize is not None and end - begin != math.prod(shape) * itemsize:
+                raise QConvertError(
+                    f"corrupt safetensors file {path.name}: tensor {name!r} ({dtype} {list(shape)}) needs"
+                    f" {math.prod(shape) * itemsize} bytes, its offsets give {end - begin}"
+                )
             self.entries[name] = (dtype, shape, begin, end)
+        previous, prev_end = None, 0
+        for name, (_, _, begin, end) in sorted(self.entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+            if begin < prev_end and end > begin:
+                raise QConvertError(
+                    f"corrupt safetensors file {path.name}: tensors {previous!r} and {name!r} share bytes"
+                    f" ({begin}..{prev_end} of the data)"
+                )
+            if end > prev_end:
+                previous, prev_end = name, end
         self._mmap: mmap.mmap | None = None
 
     def read(self, name: str) -> np.ndarray:
@@ -123,6 +146,21 @@ class _SafetensorsFile:
             self._mmap = None
 
 
+def _entry(e: Any) -> tuple[Any, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of a header entry; dtype None when the entry is malformed."""
+    if not isinstance(e, dict):
+        return None, (), 0, 0
+    dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+    ints = lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)  # noqa: E731
+    if not isinstance(dtype, str) or not ints(shape) or not ints(offsets) or len(offsets) != 2:
+        return None, (), 0, 0
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def _json_file(path: Path, folder: Path) -> dict[str, Any]:
+    return safejson.load_file(path, f"{path.name} in {folder}")
+
+
 def open_hf(spec: str, revision: str | None = None, hash_files: bool = True) -> Source:
     folder, ident = resolve_checkpoint(spec, revision)
     config_path = folder / "config.json"
@@ -130,6 +168,14 @@ def open_hf(spec: str, revision: str | None = None, hash_files: bool = True) -> 
     st_files = [n for n in names if n.endswith(".safetensors")]
     if not st_files:
         pickles = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
+        from .llama2c import describe
+
+        llama2c = [f"{n} ({describe(folder / n)})" for n in pickles if n.endswith(".bin") and describe(folder / n)]
+        if llama2c:
+            raise QConvertError(
+                f"{folder.name} holds llama2.c files, not a Hugging Face checkpoint: {'; '.join(llama2c)};"
+                " llama.cpp's llama-convert-llama2c-to-ggml turns a llama2.c model into GGUF"
+            )
         if pickles:
             raise QConvertError(
                 f"{folder.name} has only pickle checkpoints ({', '.join(pickles)}); qconvert never unpickles"
@@ -138,12 +184,7 @@ def open_hf(spec: str, revision: str | None = None, hash_files: bool = True) -> 
         raise QConvertError(f"no .safetensors weights in {folder}")
     if not config_path.is_file():
         raise QConvertError(f"no config.json in {folder}: not a Hugging Face checkpoint folder")
-    try:
-        config = json.loads(config_path.read_text())
-        if not isinstance(config, dict):
-            raise ValueError
-    except (ValueError, UnicodeDecodeError):
-        raise QConvertError(f"config.json in {folder} is not a JSON object") from None
+    config = _json_file(config_path, folder)
 
     # GPTQ / AWQ checkpoints are imported as they are (sources/prequantized.py, which refuses
     # every other quantized checkpoint with one sentence).
@@ -162,11 +203,13 @@ def open_hf(spec: str, revision: str | None = None, hash_files: bool = True) -> 
         config = {**config, "qconvert_conv1d_transposed": True}  # see arch.hf_transposed below
     index_path = folder / "model.safetensors.index.json"
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError):
-            raise QConvertError(f"{index_path.name} has no weight_map") from None
+        weight_map = _json_file(index_path, folder).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise QConvertError(f"{index_path.name} has no weight_map (an object of tensor name -> shard file)")
         shard_names = sorted(set(weight_map.values()))
+        outside = [s for s in shard_names if Path(s).is_absolute() or len(Path(s).parts) != 1]
+        if outside:
+            raise QConvertError(f"shard {outside[0]!r} listed in {index_path.name} is not a file of {folder.name}")
         missing = [s for s in shard_names if not (folder / s).is_file()]
         if missing:
             raise QConvertError(f"shard {missing[0]} listed in {index_path.name} is missing")
@@ -192,9 +235,6 @@ def open_hf(spec: str, revision: str | None = None, hash_files: bool = True) -> 
                 if dtype.startswith(("I", "U", "BOOL")):
                     continue  # integer buffers such as BERT's position_ids are not weights
                 raise QConvertError(f"tensor {name!r} has dtype {dtype}; qconvert reads F32, F16 and BF16 checkpoints")
-            n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-            if end - begin != n * _FLOAT_DTYPES[dtype]:
-                raise QConvertError(f"corrupt safetensors file {shard}: tensor {name!r} has the wrong byte length")
             if name in seen:
                 raise QConvertError(f"tensor {name!r} appears in more than one shard")
             seen.add(name)
@@ -219,15 +259,17 @@ def open_hf(spec: str, revision: str | None = None, hash_files: bool = True) -> 
     tensors.sort(key=lambda t: _natural_key(t.name))
 
     tok_path = folder / "tokenizer.json"
-    tokenizer_json = tok_path.read_text() if tok_path.is_file() else None
+    tokenizer_json = None
+    if tok_path.is_file():  # its content is checked by runtime.tokenizer.check_source_tokenizer
+        try:
+            tokenizer_json = str(safejson.read_file(tok_path, f"tokenizer.json in {folder}"), "utf-8")
+        except UnicodeDecodeError as e:
+            raise QConvertError(f"tokenizer.json in {folder} is not UTF-8 text (bad byte at offset {e.start})") from None
     extra: dict[str, Any] = {}
     for aux in ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
         p = folder / aux
         if p.is_file():
-            try:
-                extra[aux] = json.loads(p.read_text())
-            except ValueError:
-                pass
+            extra[aux] = _json_file(p, folder)
 
     hashed = [*shard_names, "config.json"] + (["tokenizer.json"] if tokenizer_json else [])
     provenance = {

@@ -35,13 +35,13 @@ in each of its blocks). Tensors without ``qweight`` (embeddings, norms, an unqua
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import safejson
 from ..errors import QConvertError
 from .base import SourceTensor
 
@@ -100,10 +100,7 @@ def detect(folder: Path, config: dict) -> QuantInfo | None:
         for name in _LEGACY_CONFIG_FILES:  # AutoGPTQ's quantize_config.json, AutoAWQ's quant_config.json
             p = folder / name
             if p.is_file():
-                try:
-                    qc = json.loads(p.read_text())
-                except (ValueError, UnicodeDecodeError):
-                    raise QConvertError(f"{name} in {folder.name} is not valid JSON") from None
+                qc = safejson.loads(safejson.read_file(p, f"{name} in {folder.name}"), f"{name} in {folder.name}")
                 where = name
                 break
         if not qc:
