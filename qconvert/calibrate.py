@@ -55,7 +55,9 @@ class FloatLayer:
         return w
 
     def set(self, name: str, value: np.ndarray) -> None:
-        self.W[name] = np.asarray(value, dtype=np.float32)
+        # kept in the dtype it comes in: GPTQ's dequantized weights are float64 (integer codes
+        # times fp16-exact scales), and the activations after them follow (as measured)
+        self.W[name] = np.asarray(value)
         self.touched.add(name)
 
     def vector(self, name: str) -> np.ndarray:
@@ -68,14 +70,15 @@ class FloatLayer:
     def linears(self, names: tuple[str, ...], x: np.ndarray) -> list[np.ndarray]:
         for step in self.steps:
             step.on_input(self, names, x)
-        x2 = x.reshape(-1, x.shape[-1])
         out = []
         for n in names:
-            y = x2 @ self.get(n).T
+            # x (N, L, in) @ W^T as it comes: numpy runs one BLAS product per window, and the
+            # GPTQ/AWQ figures of BENCHMARKS.md were measured with exactly these roundings
+            y = x @ self.get(n).T
             b = self.bias_name(n)
             if b is not None:
                 y += self.vector(b)
-            out.append(y.reshape(*x.shape[:-1], y.shape[-1]))
+            out.append(y)
         return out
 
     def trial(self, replaced: dict[str, np.ndarray]) -> "FloatLayer":
