@@ -111,7 +111,8 @@ def parse_config(cfg: dict, qk_norm: bool = False, what: str = " Llama-family mo
     n_heads = cfg_int(cfg, "num_attention_heads", hi=MAX_HEADS, what=what)
     n_kv = cfg_int(cfg, "num_key_value_heads", cfg.get("num_attention_heads"), hi=MAX_HEADS, what=what)
     explicit = cfg.get("head_dim") is not None
-    head_dim = cfg_int(cfg, "head_dim", hidden // n_heads if hidden >= n_heads else 0, hi=MAX_HEAD_DIM, what=what)
+    head_dim = cfg_int(cfg if explicit else {}, "head_dim", hidden // n_heads if hidden >= n_heads else 0,  # may be null
+                       hi=MAX_HEAD_DIM, what=what)
     check_heads(hidden, n_heads, n_kv, head_dim, explicit)
     n_layers = cfg_int(cfg, "num_hidden_layers", hi=MAX_LAYERS, what=what)
     theta, scaling = rope_settings(cfg)
@@ -157,7 +158,7 @@ def _windows(cfg: dict, model_type: str, n_layers: int) -> tuple[int | None, ...
     if window is not None:
         window = cfg_int(cfg, "sliding_window", hi=MAX_POSITIONS)
     types = cfg.get("layer_types")
-    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
         return (None,) * n_layers
     if isinstance(types, list):
         if len(types) != n_layers or not all(t in ("full_attention", "sliding_attention") for t in types):
