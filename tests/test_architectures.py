@@ -49,6 +49,12 @@ ARCHS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=WINDOW, head_dim=16), "llama", "llama"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True), "qwen2", "qwen2"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, tie_word_embeddings=True), "qwen3", "qwen3"),
+    # Phi-3-mini: no grouped-query attention (qkv's v rows -> o is an AWQ group), a sliding window
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=4, sliding_window=WINDOW), "phi3", "phi3"),
+    # Phi-4-mini-like: partial rotary embeddings, tied output
+    "phi3-partial": ("Phi3Config", "Phi3ForCausalLM",
+                     dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+                          tie_word_embeddings=True), "phi3", "phi3"),
 }
 
 

@@ -12,12 +12,14 @@ from .base import Arch, Context, InputGroup, KVCache, Layer, T
 
 from . import bert, gpt2  # noqa: E402
 from .llama import LLAMA, QWEN2  # noqa: E402
+from .phi3 import PHI3  # noqa: E402
 from .qwen3 import QWEN3  # noqa: E402
 
 ARCHITECTURES: tuple[Arch, ...] = (
     LLAMA,
     QWEN2,
     QWEN3,
+    PHI3,
     gpt2.ARCH,
     bert.ARCH,
 )
