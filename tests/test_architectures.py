@@ -55,7 +55,12 @@ ARCHS = {
     "phi3-partial": ("Phi3Config", "Phi3ForCausalLM",
                      dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
                           tie_word_embeddings=True), "phi3", "phi3"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2), "mixtral", "llama"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True),
+                  "qwen3_moe", "qwen3moe"),
 }
+MOE = {"mixtral", "qwen3_moe"}
 
 
 def _tokenizer_json() -> str:
@@ -125,6 +130,19 @@ def test_f32_logits_equal_transformers(built):
         rest = model.forward(np.array(ids[13:]), cache)
     assert np.abs(whole - ref).max() <= 1e-4, np.abs(whole - ref).max()
     assert np.abs(np.concatenate([first, rest]) - ref).max() <= 1e-4
+
+
+def test_moe_prompt_routes_to_several_experts(built):
+    """The logits comparison means something for MoE only if the prompt reaches several experts."""
+    name, d, hf = built
+    if name not in MOE:
+        pytest.skip("not a mixture of experts")
+    with torch.no_grad():
+        out = hf(torch.tensor([_prompt()]), output_router_logits=True)
+    assert len(out.router_logits) == hf.config.num_hidden_layers
+    for logits in out.router_logits:
+        chosen = torch.topk(logits.reshape(-1, logits.shape[-1]), hf.config.num_experts_per_tok, dim=-1).indices
+        assert len(set(chosen.flatten().tolist())) >= 3, chosen
 
 
 def test_greedy_20_tokens_equal_transformers(built):

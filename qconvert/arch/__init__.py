@@ -12,6 +12,7 @@ from .base import Arch, Context, InputGroup, KVCache, Layer, T
 
 from . import bert, gpt2  # noqa: E402
 from .llama import LLAMA, QWEN2  # noqa: E402
+from .moe import MIXTRAL, QWEN3_MOE  # noqa: E402
 from .phi3 import PHI3  # noqa: E402
 from .qwen3 import QWEN3  # noqa: E402
 
@@ -20,6 +21,8 @@ ARCHITECTURES: tuple[Arch, ...] = (
     QWEN2,
     QWEN3,
     PHI3,
+    MIXTRAL,
+    QWEN3_MOE,
     gpt2.ARCH,
     bert.ARCH,
 )
