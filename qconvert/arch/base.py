@@ -167,10 +167,10 @@ def rope_settings(cfg: dict, default_theta: float = 10000.0, layer_type: str | N
             cfg_float(scaling, "factor")
             if kind == "llama3":
                 cfg_float(scaling, "original_max_position_embeddings")
-    theta_cfg = {"rope_theta": cfg.get("rope_theta") if cfg.get("rope_theta") is not None else rope.get("rope_theta")}
+    theta = cfg.get("rope_theta") if cfg.get("rope_theta") is not None else rope.get("rope_theta")
     if layer_type is not None and rope.get("rope_theta") is not None:
-        theta_cfg["rope_theta"] = rope["rope_theta"]
-    return cfg_float(theta_cfg, "rope_theta", default_theta), scaling
+        theta = rope["rope_theta"]
+    return cfg_float({} if theta is None else {"rope_theta": theta}, "rope_theta", default_theta), scaling
 
 
 # --------------------------------------------------------------------------------------------
