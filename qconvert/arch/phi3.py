@@ -128,7 +128,10 @@ def input_groups(cfg: Phi3Config, i: int) -> list[InputGroup]:
 
 
 def config_from_gguf(kv: dict, shapes: dict, config: dict) -> None:
-    """llama's completion, with ``rope.dimension_count`` as transformers' partial_rotary_factor."""
+    """llama's completion, with ``rope.dimension_count`` as transformers' partial_rotary_factor;
+    ``attention.sliding_window`` 0 is convert_hf_to_gguf's "none" (Phi-4)."""
+    if config.get("sliding_window") == 0:
+        del config["sliding_window"]
     rope_dim = config.pop("qconvert_rope_dim", None)
     head_dim = config.get("head_dim") or config["hidden_size"] // max(int(config["num_attention_heads"]), 1)
     if rope_dim is not None and rope_dim != head_dim:
