@@ -133,8 +133,10 @@ def config_from_gguf(kv: dict, shapes: dict, config: dict) -> None:
     if config.get("sliding_window") == 0:
         del config["sliding_window"]
     rope_dim = config.pop("qconvert_rope_dim", None)
-    head_dim = config.get("head_dim") or config["hidden_size"] // max(int(config["num_attention_heads"]), 1)
-    if rope_dim is not None and rope_dim != head_dim:
+    hidden, n_heads = config.get("hidden_size"), config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or (hidden // n_heads if isinstance(hidden, int) and isinstance(n_heads, int)
+                                          and n_heads > 0 else None)
+    if rope_dim is not None and head_dim and rope_dim != head_dim:
         factor = rope_dim / head_dim
         if int(head_dim * factor) != rope_dim:
             raise QConvertError(f"GGUF model rotates {rope_dim} of {head_dim} head dimensions, which no"
