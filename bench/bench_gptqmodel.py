@@ -59,7 +59,7 @@ def child_qconvert(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     r = qconvert.quantize(GGUF, a.out, method="gptq", bits=a.bits, group=a.group, sym=a.sym, calib=CALIB,
                           calib_samples=SAMPLES, calib_seqlen=SEQLEN, seed=SEED, damp=a.damp,
-                          act_order=a.act_order, mse=a.mse)
+                          act_order=a.act_order, mse=a.mse, allow_requantize=True)
     return {"seconds": time.perf_counter() - t0, "convert_seconds": r.seconds}
 
 
@@ -338,7 +338,7 @@ def main() -> None:
             rows.append((group, "qconvert GPTQ", out, res, wall, ""))
         out = work / f"qconvert-rtn-w{a.bits}g{group}-{sym_name}.q"
         t0 = time.perf_counter()
-        qconvert.quantize(GGUF, out, method="rtn", bits=a.bits, group=group, sym=a.sym)
+        qconvert.quantize(GGUF, out, method="rtn", bits=a.bits, group=group, sym=a.sym, allow_requantize=True)
         rows.append((group, "qconvert RTN", out, {"seconds": time.perf_counter() - t0, "peak_rss_mib": float("nan")},
                      float("nan"), ""))
         for name, folder, res, wall in runs:

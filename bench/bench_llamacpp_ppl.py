@@ -39,7 +39,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     container = work / f"smollm2.{args.method}.export.q"
     gguf_out = work / f"smollm2.{args.method}.export.gguf"
-    qconvert.quantize(GGUF, container, method=args.method)
+    qconvert.quantize(GGUF, container, method=args.method, allow_requantize=True)
     text = read_text(WIKI)
     with qconvert.load(container) as c:
         export_gguf(c, gguf_out)

@@ -121,7 +121,7 @@ def main() -> None:
                        + (f".seed{args.seed}" if args.seed else "") + ".q")
         t0 = time.perf_counter()
         try:
-            qconvert.quantize(source, path, **kw)
+            qconvert.quantize(source, path, **kw, allow_requantize=True)
         except qconvert.QConvertError as e:
             print(f"| {name} | – | – | – | – | – | – | – | not available: {e} |")
             continue

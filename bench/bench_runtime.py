@@ -59,7 +59,7 @@ def main() -> None:
     for name, kw in variants.items():
         path = work / f"smollm2.{name.lower()}.q"
         if not path.exists():
-            qconvert.quantize(GGUF, path, **kw)
+            qconvert.quantize(GGUF, path, **kw, allow_requantize=True)
         files[name] = path
 
     with qconvert.load(files["F32"]) as c:

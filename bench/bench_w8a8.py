@@ -79,7 +79,7 @@ def main() -> None:
         seconds = None
         if not path.exists():
             t0 = time.perf_counter()
-            qconvert.quantize(args.model, path, **kw)
+            qconvert.quantize(args.model, path, **kw, allow_requantize=True)
             seconds = time.perf_counter() - t0
             print(f"built {path.name} in {seconds:.1f} s", file=sys.stderr)
         built[stem] = (path, seconds)

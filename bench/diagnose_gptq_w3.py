@@ -90,7 +90,7 @@ def variant(a: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     qconvert.quantize(GGUF, out, method="gptq", bits=3, group=128, sym=False, calib=a.calib,
                       calib_samples=a.samples, calib_seqlen=512, seed=a.seed, damp=a.damp,
-                      act_order=a.act_order, mse=a.mse)
+                      act_order=a.act_order, mse=a.mse, allow_requantize=True)
     seconds = time.perf_counter() - t0
     with qconvert.load(f32) as ref_c, qconvert.load(out) as c:
         tok = Tokenizer.from_container(c)

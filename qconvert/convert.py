@@ -22,14 +22,10 @@ from .methods.rtn import rtn_mix
 from .plan import ConvertResult, TensorPlan, plan_tensors
 from .sources import Source, open_source
 
-# f32/f16/bf16 store every matrix in a float type: the unquantized reference that eval
-# compares against (a quantized source such as a Q4_1 GGUF is dequantized into it).
-FLOAT_METHODS = ("f32", "f16", "bf16")
-from .recipe import CALIBRATED_METHODS  # noqa: E402  (gptq, awq, awq+gptq)
+from .catalog import FLOAT_METHODS, METHODS  # noqa: F401  (METHODS: re-exported)
+from .recipe import CALIBRATED_METHODS
 # bitsandbytes' NF4: 64-weight blocks, absmax double-quantized (default) or kept as f32
 NF4_MIXES = {True: Mix("nf4", "NF4_DQ", 1024), False: Mix("nf4-nodq", "NF4", 1024)}
-# w8a8: int8 weights per channel x int8 activations (static/dynamic), optional SmoothQuant
-METHODS = ("rtn", *CALIBRATED_METHODS, "nf4", *FLOAT_METHODS, *K_MIXES, "w8a8")
 
 # Called after each tensor: (index, total, plan).
 Progress = Callable[[int, int, TensorPlan], None]
@@ -76,7 +72,9 @@ def resolve_method(method: str, bits: int, group: int, sym: bool,
         if bits not in (None, 8):
             raise QConvertError(f"w8a8 stores 8-bit weights; --bits {bits} is not supported")
         return MIXES["q8_0"], 8, None, True
-    raise QConvertError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    from .catalog import unknown_method_message
+
+    raise QConvertError(unknown_method_message(method))
 
 
 def container_metadata(source: Source, recipe: dict, plans: list[TensorPlan]) -> dict[str, Any]:
@@ -167,11 +165,20 @@ def quantize(
     observer: str = "minmax",
     smooth: float | None = None,
     act_mode: str = "static",
+    allow_requantize: bool = False,
 ) -> ConvertResult:
     """Quantize a checkpoint (HF folder or hub id, or .gguf) into a qconvert container.
 
+    A source that is already quantized (a Q4_1 GGUF, a GPTQ checkpoint) is re-quantized only with
+    ``allow_requantize``; the float methods (f32/f16/bf16) dequantize it without asking.
+
     >>> qconvert.quantize("../shared/models/stories260K", "s.q8", method="rtn", bits=8)  # doctest: +SKIP
     """
+    started = time.perf_counter()
+    from .outputs import check_output, remove_stale_temps
+
+    check_output(output, inputs=[source], force=True)  # never onto the source, never onto a directory
+    remove_stale_temps(output)
     if str(source).lower().endswith(".onnx"):  # ONNX graphs have their own pipeline: qconvert/onnx/
         from .onnx.convert import quantize_onnx
 
@@ -189,26 +196,32 @@ def quantize(
     imatrix_info = None
     if imatrix is not None and calib is not None:
         raise QConvertError("give either --imatrix FILE or --calib TEXT (which computes one), not both")
-    if imatrix is not None:
-        from .imatrix import load_imatrix
-
-        importance, imatrix_info = load_imatrix(imatrix)
-    wants_imatrix = imatrix is None and calib is not None and not calibrated and method != "w8a8"
-    recipe = build_recipe(method, mix, r_bits, r_group, r_sym, keep, list(tensor_types), imatrix_info)
     if mse:
         from .blocks.groupwise import parse_type
 
         if not (method.endswith("gptq") or (method == "rtn" and parse_type(mix.default) is not None)):
             raise QConvertError("--mse applies to gptq and to group-wise rtn (--bits 2/3 or --group 64/128)")
-        recipe["mse"] = True
-    started = time.perf_counter()
     output = Path(output)
+    warnings = []
     with open_source(str(source), revision=revision) as src:
-        if wants_imatrix:  # --calib with a K-quant / legacy mix: the importance matrix, in memory
+        if not allow_requantize and not importing and method not in FLOAT_METHODS:
+            _refuse_requantizing(src, method, mix, keep, tensor_types, imatrix is not None or calib is not None,
+                                 default_method)
+        if imatrix is not None:
+            from .imatrix import load_imatrix
+
+            importance, imatrix_info = load_imatrix(imatrix)
+        elif calib is not None and not calibrated and method != "w8a8":
             from .imatrix import imatrix_for_source
 
+            # the importance matrix of the open source, in memory (no temporary model)
             importance, imatrix_info = imatrix_for_source(src, calib, chunks=calib_chunks, progress=calib_progress)
-            recipe["imatrix"] = imatrix_info
+        recipe = build_recipe(method, mix, r_bits, r_group, r_sym, keep, list(tensor_types), imatrix_info)
+        if mse:
+            recipe["mse"] = True
+        if src.tokenizer_json is None and not src.extra_metadata.get("tokenizer.gguf"):
+            warnings.append(f"{source} has no tokenizer (no tokenizer.json, no GGUF tokenizer metadata): `qconvert run`,"
+                            " `eval` and GGUF export of the result will fail; add tokenizer.json to the source")
         if importance and not any(t.name in importance for t in src.tensors):
             raise QConvertError("the importance matrix names none of this model's tensors: it was made for another model")
         from .arch import by_name as arch_by_name
@@ -272,4 +285,25 @@ def quantize(
                 if progress is not None:
                     progress(i + 1, len(plans), plan)
         provenance = metadata["source"]
-    return ConvertResult(output, plans, time.perf_counter() - started, provenance)
+    return ConvertResult(output, plans, time.perf_counter() - started, provenance, warnings)
+
+
+def _refuse_requantizing(src: Source, method: str, mix: Mix, keep, tensor_types, has_imatrix: bool,
+                         default_method: bool) -> None:
+    """Refuse, before any slow work, to round a quantized source's blocks a second time."""
+    from .sources.prequantized import is_prequantized
+    from .summary import describe_source_quantization
+
+    if not src.provenance.get("quantized"):
+        return
+    if default_method and any(is_prequantized(t) for t in src.tensors):
+        return  # a GPTQ/AWQ checkpoint with the default method is imported as it is
+    plans = plan_tensors(src.tensors, src.config, mix, keep=keep, tensor_types=list(tensor_types), has_imatrix=has_imatrix)
+    again = [p for p in plans if not p.copies_source and not by_name(p.source_type).is_float
+             and not by_name(p.type_name).is_float]
+    if again:
+        raise QConvertError(
+            f"{src.provenance.get('id')} is {describe_source_quantization(src.provenance)}; --method {method} would round"
+            f" {len(again)} of its tensors a second time: pass --allow-requantize to do it anyway, or use"
+            " --method f32/f16/bf16 to dequantize it"
+        )

@@ -33,6 +33,11 @@ class EvalResult:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def __repr__(self) -> str:
+        ref = self.reference or {}
+        kld = f", kld_mean={ref['kld_mean']:.5f}, ppl_ratio={ref['ppl_ratio']:.4f}" if ref else ""
+        return f"EvalResult(ppl={self.ppl:.4f}{kld}, {self.chunks} windows of {self.ctx} tokens)"
+
 
 def read_text(path) -> str:
     """Read an evaluation text file; CRLF and CR line endings become LF."""

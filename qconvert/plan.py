@@ -13,7 +13,7 @@ Q4_K -> Q5_0, then F16) -- unless the type was asked for explicitly, which is an
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,12 @@ class ConvertResult:
 
     output: Path
     plans: list["TensorPlan"]
-    seconds: float
+    seconds: float  # wall time of the whole call: calibration and importance matrix included
     source: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)  # things the user should know (no tokenizer ...)
+
+    def __repr__(self) -> str:
+        return f"ConvertResult(output={str(self.output)!r}, tensors={len(self.plans)}, seconds={self.seconds:.1f})"
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ def summarize(c: Container, verify: bool = False) -> dict[str, Any]:
         "config": {k: cfg[k] for k in _CONFIG_KEYS if k in cfg},
         "has_tokenizer": "tokenizer.json" in c.metadata or "tokenizer.gguf" in c.metadata,
         "source": {k: v for k, v in source.items() if k != "general"},
+        "source_quantization": describe_source_quantization(source),
         "recipe": c.recipe,
         "metadata_keys": sorted(c.metadata),
         "tensors": tensors,
@@ -87,3 +88,21 @@ def summarize(c: Container, verify: bool = False) -> dict[str, Any]:
     if verify:
         out["corrupt_tensors"] = c.verify()
     return out
+
+
+def describe_source_quantization(source: dict[str, Any]) -> str:
+    """The source's quantization in words: what the input held before qconvert touched it."""
+    types = source.get("source_types") or {}
+    counts = ", ".join(f"{n} {t}" for t, n in sorted(types.items(), key=lambda kv: (-kv[1], kv[0])))
+    if not source.get("quantized"):
+        return "unquantized (float weights" + (f": {counts} tensors)" if counts else ")")
+    q = source.get("quantization")
+    if isinstance(q, dict) and q.get("from"):  # a GPTQ / AWQ checkpoint
+        words = f"already quantized: a {str(q['from']).upper()} checkpoint, {q.get('bits')}-bit weights in groups of {q.get('group')}"
+        words += ", symmetric" if q.get("sym") else ", with zero points"
+        return words + (", act-order" if q.get("desc_act") else "")
+    from .methods.mixes import MIXES
+
+    ftype = source.get("file_type")
+    mix = next((m.name.upper() for m in MIXES.values() if m.ftype == ftype), None) if isinstance(ftype, int) else None
+    return "already quantized" + (f" ({mix})" if mix else "") + (f": {counts} tensors" if counts else "")

@@ -303,3 +303,47 @@ def test_calibration_writes_no_temporary_model(tmp_path, tokenizer_json, monkeyp
             assert c.recipe["steps"] == ["awq_scale", "gptq"]
         if method == "q4_k_m":
             assert c.recipe["imatrix"]["chunks"] == 2
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"num_hidden_layers": 0}, "num_hidden_layers"),
+    ({"num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": None}, "does not divide hidden_size"),
+    ({"num_key_value_heads": 3}, "does not divide num_attention_heads"),
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
+    ({"rope_theta": float("inf"), "rope_parameters": None}, "rope_theta"),
+    ({"hidden_size": 10**9}, "hidden_size"),
+    ({"head_dim": 10**9}, "head_dim"),
+    ({"num_attention_heads": "x"}, "num_attention_heads"),
+    ({"rope_scaling": "x"}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
+    ({"vocab_size": -5}, "vocab_size"),
+])
+def test_absurd_configs_are_one_clear_error(tmp_path, tokenizer_json, change, message):
+    """Config validation lives in the family file: refused at quantize, before any work, and
+    again when a container carrying such a config is run."""
+    from qconvert.arch import by_name
+    from qconvert.errors import QConvertError
+
+    make_model("llama", tmp_path / "hf", tokenizer_json)
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(change)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(QConvertError, match=message):
+        qconvert.quantize(tmp_path / "hf", tmp_path / "out.q", method="f32")
+    assert not (tmp_path / "out.q").exists()
+    with pytest.raises(QConvertError, match=message):
+        by_name("llama").parse_config(cfg)
+
+
+def test_unknown_model_type_names_the_supported_ones(tmp_path, tokenizer_json):
+    from qconvert.arch import supported_model_types
+    from qconvert.errors import QConvertError
+
+    make_model("llama", tmp_path / "hf", tokenizer_json)
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "model_type": "falcon_h9"}))
+    with pytest.raises(QConvertError, match="unknown architecture 'falcon_h9'; supported: ") as e:
+        qconvert.quantize(tmp_path / "hf", tmp_path / "out.q", method="f32")
+    assert all(t in str(e.value) for t in supported_model_types()) and "\n" not in str(e.value)

@@ -157,11 +157,41 @@ def test_usage_error_exit_code(tmp_path):
     assert proc.returncode == 2
 
 
+def test_version_prints_the_package_version():
+    import qconvert as package
+
+    proc = qconvert("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"qconvert {package.__version__}\n"
+
+
+def test_demo_model_is_packaged_and_recorded_as_demo(tmp_path):
+    out = tmp_path / "s.q8"
+    proc = qconvert("quantize", "demo:stories260K", "--method", "rtn", "--bits", "8", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(qconvert("inspect", out, "--json").stdout)
+    assert info["source"]["id"] == "demo:stories260K" and info["source"]["kind"] == "hf"
+    files = {f["name"]: f for f in info["source"]["files"]}
+    # the sha256 of shared/models/stories260K/model.safetensors in shared/models/PROVENANCE.md
+    assert files["model.safetensors"]["sha256"] == "407a7c581bdd66972383ce9ad24857713fb98786d06ea564a2fe9b34ebe77dfd"
+    assert info["totals"]["parameters"] == 260_032 and info["has_tokenizer"]
+
+
+def test_unknown_demo_names_the_available_ones(tmp_path):
+    assert_one_line_error(qconvert("quantize", "demo:stories15M", "-o", tmp_path / "s.q8"),
+                          r"no built-in demo model 'stories15M'; available: demo:stories260K$")
+
+
+def test_demo_refuses_a_revision(tmp_path):
+    assert_one_line_error(qconvert("quantize", "demo:stories260K", "--revision", "main", "-o", tmp_path / "s.q8"),
+                          "--revision is for hub ids")
+
+
 @pytest.mark.shared
 def test_smollm2_gguf_source_rtn8(tmp_path):
     src = need_shared(SMOLLM_GGUF)
     out = tmp_path / "smol.q8"
-    proc = qconvert("quantize", src, "--method", "rtn", "--bits", "8", "-o", out)
+    proc = qconvert("quantize", src, "--method", "rtn", "--bits", "8", "--allow-requantize", "-o", out)
     assert proc.returncode == 0, proc.stderr
     info = json.loads(qconvert("inspect", out, "--json").stdout)
     assert info["source"]["kind"] == "gguf" and info["source"]["quantized"] is True

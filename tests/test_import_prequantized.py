@@ -304,7 +304,7 @@ def test_source_load_gives_model_order_and_other_methods_requantize(tmp_path):
         for name, want in expected.items():
             np.testing.assert_array_equal(c.tensor(name).reshape(want.shape), want, err_msg=name)
         assert c.recipe["method"] == "f32"
-    qconvert.quantize(tmp_path / "gptq", tmp_path / "q8.q", method="rtn", bits=8)
+    qconvert.quantize(tmp_path / "gptq", tmp_path / "q8.q", method="rtn", bits=8, allow_requantize=True)
     with qconvert.load(tmp_path / "q8.q") as c:
         name = "model.layers.1.mlp.down_proj.weight"
         assert c.tensors[name].block_type.name == "Q8_0"

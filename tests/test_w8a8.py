@@ -265,7 +265,7 @@ def test_cli_w8a8(made, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "qconvert", "quantize", str(STORIES), "-o", str(out), "--method", "w8a8",
          "--calib", str(CALIB), "--calib-samples", "8", "--calib-seqlen", "128", "--observer", "entropy",
-         "--smooth", "0.5", "--act-mode", "static", "--quiet"],
+         "--smooth", "0.5", "--act-mode", "static"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr

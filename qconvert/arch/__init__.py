@@ -28,7 +28,7 @@ ARCHITECTURES: tuple[Arch, ...] = (
 )
 
 __all__ = ["ARCHITECTURES", "Arch", "Context", "InputGroup", "KVCache", "Layer", "T", "by_gguf", "by_model_type",
-           "by_name", "supported_model_types"]
+           "by_name", "gguf_name_for_hf", "hf_name_for_gguf", "supported_gguf_architectures", "supported_model_types"]
 
 
 def by_name(name: str) -> Arch:
@@ -67,3 +67,26 @@ def by_gguf(gguf_arch: str, kv: dict | None = None) -> Arch:
 
 def supported_model_types() -> list[str]:
     return sorted({t for a in ARCHITECTURES for t in a.model_types})
+
+
+def supported_gguf_architectures() -> list[str]:
+    return sorted({g for a in ARCHITECTURES if a.kind == "decoder" for g in (a.gguf_arch, *a.gguf_archs_read)})
+
+
+def hf_name_for_gguf(gguf_name: str) -> str | None:
+    """The Hugging Face name of a llama.cpp tensor name, by the first decoder family that has it
+    (families agree on the tensors they share); None when none has it or it names several."""
+    for a in ARCHITECTURES:
+        if a.kind == "decoder":
+            names = a.hf_names(gguf_name)
+            if names is not None:
+                return names[0] if len(names) == 1 else None
+    return None
+
+
+def gguf_name_for_hf(hf_name: str) -> str:
+    """The llama.cpp name of a Hugging Face tensor name (first decoder family that has it)."""
+    for a in ARCHITECTURES:
+        if a.kind == "decoder" and a.entry(hf_name) is not None:
+            return a.gguf_name(hf_name)[0]
+    raise QConvertError(f"tensor {hf_name!r} has no llama.cpp name")

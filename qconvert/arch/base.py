@@ -110,7 +110,8 @@ class Layer(Protocol):
 
 
 def cfg_int(cfg: dict, key: str, default: Any = None, lo: int = 1, hi: int = 1 << 31, what: str = "") -> int:
-    value = cfg.get(key, default)
+    value = cfg.get(key)
+    value = default if value is None else value
     if value is None:
         raise QConvertError(f"config.json lacks {key!r}, which a{what or ' model'} needs")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
@@ -122,7 +123,8 @@ def cfg_int(cfg: dict, key: str, default: Any = None, lo: int = 1, hi: int = 1 <
 
 
 def cfg_float(cfg: dict, key: str, default: Any = None, positive: bool = True) -> float:
-    value = cfg.get(key, default)
+    value = cfg.get(key)
+    value = default if value is None else value
     if value is None:
         raise QConvertError(f"config.json lacks {key!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -167,10 +169,10 @@ def rope_settings(cfg: dict, default_theta: float = 10000.0, layer_type: str | N
             cfg_float(scaling, "factor")
             if kind == "llama3":
                 cfg_float(scaling, "original_max_position_embeddings")
-    theta = cfg.get("rope_theta") if cfg.get("rope_theta") is not None else rope.get("rope_theta")
+    theta_cfg = {"rope_theta": cfg.get("rope_theta") if cfg.get("rope_theta") is not None else rope.get("rope_theta")}
     if layer_type is not None and rope.get("rope_theta") is not None:
-        theta = rope["rope_theta"]
-    return cfg_float({} if theta is None else {"rope_theta": theta}, "rope_theta", default_theta), scaling
+        theta_cfg["rope_theta"] = rope["rope_theta"]
+    return cfg_float(theta_cfg, "rope_theta", default_theta), scaling
 
 
 # --------------------------------------------------------------------------------------------

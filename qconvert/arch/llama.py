@@ -111,8 +111,9 @@ def parse_config(cfg: dict, qk_norm: bool = False, what: str = " Llama-family mo
     n_heads = cfg_int(cfg, "num_attention_heads", hi=MAX_HEADS, what=what)
     n_kv = cfg_int(cfg, "num_key_value_heads", cfg.get("num_attention_heads"), hi=MAX_HEADS, what=what)
     explicit = cfg.get("head_dim") is not None
-    head_dim = cfg_int(cfg if explicit else {}, "head_dim", hidden // n_heads if hidden >= n_heads else 0,  # may be null
-                       hi=MAX_HEAD_DIM, what=what)
+    if not explicit and hidden % n_heads:
+        raise QConvertError(f"num_attention_heads {n_heads} does not divide hidden_size {hidden}")
+    head_dim = cfg_int(cfg, "head_dim", hidden // n_heads, hi=MAX_HEAD_DIM, what=what)
     check_heads(hidden, n_heads, n_kv, head_dim, explicit)
     n_layers = cfg_int(cfg, "num_hidden_layers", hi=MAX_LAYERS, what=what)
     theta, scaling = rope_settings(cfg)

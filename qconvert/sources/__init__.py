@@ -2,16 +2,43 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from ..errors import QConvertError
 from .base import Source, SourceTensor
 
-__all__ = ["Source", "SourceTensor", "open_source"]
+__all__ = ["DEMO_PREFIX", "Source", "SourceTensor", "demo_folder", "demo_names", "open_source"]
+
+DEMO_PREFIX = "demo:"
+
+
+def demo_names() -> list[str]:
+    """The models packaged in ``qconvert/demo/`` (each a Hugging Face folder, with its licence)."""
+    root = resources.files("qconvert") / "demo"
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file())
+
+
+def demo_folder(name: str) -> Path:
+    """The packaged folder of the built-in model ``demo:NAME``: no network, no hub cache."""
+    names = demo_names()
+    if name not in names:
+        raise QConvertError(f"no built-in demo model {name!r}; available: {', '.join(DEMO_PREFIX + n for n in names)}")
+    # qconvert is installed as files (it needs numba), so the resource is a real folder.
+    return Path(str(resources.files("qconvert") / "demo" / name))
 
 
 def open_source(spec: str, revision: str | None = None) -> Source:
-    """A ``.gguf`` or ``.onnx`` file, a local Hugging Face folder, or a hub id (``owner/name``)."""
+    """``demo:NAME`` (a model packaged with qconvert), a ``.gguf`` or ``.onnx`` file, a local
+    Hugging Face folder, or a hub id (``owner/name``)."""
+    if spec.startswith(DEMO_PREFIX):
+        if revision is not None:
+            raise QConvertError("--revision is for hub ids; a demo: model is the one packaged with qconvert")
+        from .hf import open_hf
+
+        src = open_hf(str(demo_folder(spec[len(DEMO_PREFIX):])))
+        src.provenance["id"] = spec  # the files' sha256 are recorded as for any folder
+        return src
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
