@@ -110,3 +110,27 @@ def test_more_than_ten_experts_keep_their_order_in_gguf(tmp_path, monkeypatch, t
             back = {t.name: t for t in src.tensors}
             np.testing.assert_array_equal(back["model.layers.0.block_sparse_moe.experts.11.w1.weight"].load(),
                                           c.tensor("model.layers.0.block_sparse_moe.experts.11.w1.weight"))
+
+
+def test_llama_cpp_imatrix_names_follow_the_model_family(tmp_path):
+    """llama.cpp's ``blk.N.ffn_up`` is Phi-3's gate_up_proj (Llama's up_proj): a llama.cpp
+    imatrix is named by the family of the model it is applied to."""
+    from qconvert.imatrix import load_imatrix
+
+    from .test_imatrix_files import dat_bytes
+
+    up, qkv = np.arange(1, 9, dtype=np.float32), np.arange(1, 5, dtype=np.float32)
+    path = tmp_path / "imatrix.dat"
+    path.write_bytes(dat_bytes([("blk.0.ffn_up.weight", 1, up), ("blk.0.attn_qkv.weight", 1, qkv)]))
+    phi3, _ = load_imatrix(path, by_model_type("phi3"))
+    assert set(phi3) == {"model.layers.0.mlp.gate_up_proj.weight", "model.layers.0.self_attn.qkv_proj.weight"}
+    with pytest.raises(QConvertError, match="not a llama weight matrix"):
+        load_imatrix(path, by_model_type("llama"))  # llama has no attn_qkv
+
+
+def test_moe_imatrix_is_not_written_in_llama_cpp_formats(tmp_path):
+    from qconvert.imatrix_files import DAT, write_llama_imatrix
+
+    importance = {f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight": np.ones(4, np.float32) for e in range(2)}
+    with pytest.raises(QConvertError, match="mixture-of-experts"):
+        write_llama_imatrix(tmp_path / "i.dat", importance, {"ctx": 8, "chunks": 1}, DAT)
