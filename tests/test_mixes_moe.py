@@ -1,7 +1,7 @@
-"""llama.cpp's quantization mixes for mixture-of-experts models (src/llama-quant.cpp,
-``llama_tensor_get_type``): expert matrices count as their dense category, the router stays
-in float, and 8-expert models (Mixtral 8x7B / 8x22B) take attn_v / attn_k in Q8_0 and
-attn_output in Q5_K for the low mixes."""
+"""llama.cpp's quantization mixes for mixture-of-experts and fused-qkv models
+(src/llama-quant.cpp, ``llama_tensor_get_type``): expert matrices count as their dense
+category, the router stays in float, 8-expert models (Mixtral 8x7B / 8x22B) take attn_v /
+attn_k in Q8_0 and attn_output in Q5_K for the low mixes; a fused attn_qkv follows attn_v."""
 
 from __future__ import annotations
 
@@ -25,6 +25,17 @@ def test_eight_expert_rules():
         assert mix_type(q4km, role, 5, s4) == mix_type(q4km, role, 5, dense)
     assert mix_type(q4km, "ffn_down_exps", 0, s8) == "Q6_K" and mix_type(q4km, "ffn_down_exps", 5, s8) == "Q4_K"
     assert mix_type(groupwise_mix(4, 32), "attn_v", 0, s8) == "I4G32"  # GPTQ / AWQ: no llama.cpp bumps
+    assert mix_type(q4km, "attn_qkv", 5, s8) == "Q8_0"
+
+
+def test_fused_qkv_takes_attn_v_rules():
+    """llama.cpp's category_is_attn_v() covers attn_qkv (Phi-3, GPT-2): use_more_bits layers get
+    Q6_K in q4_k_m, the others the default; the old attn_qkv-only branch is unreachable there."""
+    shape = model_shape(32, 32, 32)
+    for mix in ("q2_k", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_m", "q6_k", "q4_0"):
+        for i in (0, 3, 4, 5, 31):
+            assert mix_type(MIXES[mix], "attn_qkv", i, shape) == mix_type(MIXES[mix], "attn_v", i, shape), (mix, i)
+    assert [mix_type(MIXES["q4_k_m"], "attn_qkv", i, shape) for i in (0, 4, 5, 6)] == ["Q6_K", "Q4_K", "Q4_K", "Q6_K"]
 
 
 def test_mixtral_plan_keeps_the_router_in_float():
