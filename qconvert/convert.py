@@ -212,9 +212,11 @@ def quantize(
             _refuse_requantizing(src, method, mix, keep, tensor_types, imatrix is not None or calib is not None,
                                  default_method)
         if imatrix is not None:
+            from .arch import ARCHITECTURES
             from .imatrix import load_imatrix
 
-            importance, imatrix_info = load_imatrix(imatrix)
+            family = next((a for a in ARCHITECTURES if a.name == src.architecture), None)
+            importance, imatrix_info = load_imatrix(imatrix, family)
         elif calib is not None and not calibrated and method != "w8a8":
             from .imatrix import imatrix_for_source
 

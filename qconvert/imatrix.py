@@ -57,13 +57,14 @@ def save_imatrix(path: str | Path, importance: dict[str, np.ndarray], info: dict
     return Path(path)
 
 
-def load_imatrix(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+def load_imatrix(path: str | Path, arch=None) -> tuple[dict[str, np.ndarray], dict]:
     """({tensor name: importance vector}, info with the file's sha256); llama.cpp's imatrix.dat
-    and imatrix GGUF files are read too (qconvert/imatrix_files.py)."""
+    and imatrix GGUF files are read too (qconvert/imatrix_files.py), their names by ``arch``
+    (the model's family) when given."""
     from .imatrix_files import is_llama_imatrix, read_llama_imatrix
 
     if is_llama_imatrix(path):
-        return read_llama_imatrix(path)
+        return read_llama_imatrix(path, arch)
     with open_container(path) as c:
         info = c.metadata.get(IMATRIX_KEY)
         if not isinstance(info, dict):

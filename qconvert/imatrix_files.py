@@ -65,14 +65,21 @@ def is_llama_imatrix(path: str | Path) -> bool:
     return head != MAGIC and len(head) == 4
 
 
-def _hf_names(llama_names: list[str], path: Path) -> list[str]:
+def _hf_names(llama_names: list[str], path: Path, arch=None) -> list[str]:
+    """Hugging Face names of llama.cpp names: by the model's own family when known (Phi-3's
+    ``ffn_up`` is its gate_up_proj, Llama's is up_proj), else by the first family that has them."""
     from .arch import hf_name_for_gguf
 
     out = []
     for name in llama_names:
-        hf = hf_name_for_gguf(name)
+        if arch is not None:
+            names = arch.hf_names(name)
+            hf = names[0] if names is not None and len(names) == 1 else None
+        else:
+            hf = hf_name_for_gguf(name)
         if hf is None:
-            raise QConvertError(f"importance matrix {path.name}: entry {name!r} is not a llama weight matrix qconvert knows")
+            raise QConvertError(f"importance matrix {path.name}: entry {name!r} is not a"
+                                f" {arch.name if arch is not None else 'llama'} weight matrix qconvert knows")
         out.append(hf)
     return out
 
@@ -83,15 +90,16 @@ def _checked(path: Path, name: str, values: np.ndarray) -> np.ndarray:
     return values
 
 
-def read_llama_imatrix(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """({Hugging Face tensor name: mean x^2 per input column}, info) from a llama.cpp file."""
+def read_llama_imatrix(path: str | Path, arch=None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """({Hugging Face tensor name: mean x^2 per input column}, info) from a llama.cpp file;
+    ``arch`` (the model's family, when known) names the entries."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise QConvertError(f"cannot read importance matrix {path}: {e.strerror or e}") from None
     names, values, info = _read_gguf(data, path) if data[:4] == GGUF_MAGIC else _read_dat(data, path)
-    importance = {hf: _checked(path, n, v) for n, hf, v in zip(names, _hf_names(names, path), values)}
+    importance = {hf: _checked(path, n, v) for n, hf, v in zip(names, _hf_names(names, path, arch), values)}
     info.update(entries=len(importance), file=path.name, file_sha256=hashlib.sha256(data).hexdigest())
     return importance, info
 
@@ -182,7 +190,11 @@ def write_llama_imatrix(path: str | Path, importance: dict[str, np.ndarray], inf
     from .arch import gguf_name_for_hf
 
     path = Path(path)
-    entries = sorted((gguf_name_for_hf(n), np.asarray(v, np.float64).reshape(-1)) for n, v in importance.items())
+    entries = [(gguf_name_for_hf(n), np.asarray(v, np.float64).reshape(-1)) for n, v in importance.items()]
+    if len({name for name, _ in entries}) != len(entries):  # MoE experts share llama.cpp's merged tensor
+        raise QConvertError("a mixture-of-experts importance matrix cannot be written in llama.cpp's formats yet"
+                            " (experts share one merged tensor there); write a qconvert container (.q) instead")
+    entries.sort(key=lambda e: e[0])
     ctx, chunks = int(info["ctx"]), int(info["chunks"])
     tokens = int(info.get("tokens") or ctx * chunks)
     dataset = str(info.get("calibration_file") or "")

@@ -83,7 +83,7 @@ def plan_tensors(
     output_name = arch.output_name([t.name for t in tensors], config)
     cfg = arch.parse_config(config)
     n_heads = getattr(cfg, "n_heads", 1)
-    shape = model_shape(getattr(cfg, "n_layers", 0), n_heads, getattr(cfg, "n_kv_heads", n_heads))
+    shape = model_shape(getattr(cfg, "n_layers", 0), n_heads, getattr(cfg, "n_kv_heads", n_heads), getattr(cfg, "n_experts", 0))
     plans = []
     for t in tensors:
         plans.append(_plan_one(t, arch, mix, shape, keep_re, overrides, t.name == output_name, has_imatrix))

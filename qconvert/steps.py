@@ -64,6 +64,23 @@ def search_windows(n_windows: int, seqlen: int, budget: int | None = None) -> in
     return max(1, min(n_windows, -(-budget // seqlen)))
 
 
+def _group_input(g: InputGroup, inputs: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The activation a group's linears read, as the block produced it: the input of ``fold[0]``
+    when the group has one (a MoE router reads every token, each expert only its own), else
+    that of its first linear; None when the forward never applied them (an idle expert)."""
+    for n in g.fold[:1] + g.linears[:1]:
+        if n in inputs:
+            return inputs[n]
+    return None
+
+
+def _producer_fits(layer: FloatLayer, g: InputGroup, n_in: int) -> bool:
+    """Does a linear producer's output feed the group's ``n_in`` inputs one to one (all its rows,
+    or its last ``n_in`` with ``prev_tail``)? Not so for grouped-query v -> o."""
+    rows = layer.get(g.prev).shape[0]
+    return rows == n_in or (g.prev_tail and rows > n_in)
+
+
 def _fold(layer: FloatLayer, g: InputGroup, s: np.ndarray) -> None:
     """Apply ``s`` between a group's producer and its linears (exact in real arithmetic)."""
     Ws = [layer.get(n) for n in g.linears]
@@ -72,7 +89,7 @@ def _fold(layer: FloatLayer, g: InputGroup, s: np.ndarray) -> None:
         # a (offset + w) norm: (offset + w) / s - offset
         folded_w, _, Ws = awq_core.fold_into_norm(w + np.float32(g.norm_offset), None, Ws, s)
         layer.set(g.prev, folded_w - np.float32(g.norm_offset))
-    else:
+    else:  # fold_into_linear scales the producer's last len(s) rows (all of them, or prev_tail's)
         b = layer.bias_name(g.prev)
         pw, pb, Ws = awq_core.fold_into_linear(layer.get(g.prev), layer.get(b) if b else None, Ws, s)
         layer.set(g.prev, pw)
@@ -121,25 +138,27 @@ class AwqScale(Step):
         layer, q = run.layer, self.q
         self.inputs = inputs = run.capture()
         for g in run.arch.input_groups(run.cfg, layer.index):
-            lin = [n for n in g.linears if n in inputs]
-            if not lin or not all(q.target(layer, n) for n in lin) or len(lin) != len(g.linears):
-                continue  # a linear the plan keeps in float, or never called (an idle expert)
+            if not all(q.target(layer, n) for n in g.linears):
+                continue  # a linear the plan keeps in float
+            X = _group_input(g, inputs)
+            if X is None:
+                continue  # never called (an idle expert's down_proj)
             if g.prev is not None and not layer.has(g.prev):
                 continue
-            X = inputs[lin[0]]
             gs = q.g(X.shape[-1])
             if gs is None:
                 continue  # rows no group divides stay in float: no scale needed
-            if g.prev_kind == "linear" and layer.get(g.prev).shape[0] != X.shape[-1]:
+            if g.prev_kind == "linear" and not _producer_fits(layer, g, X.shape[-1]):
                 continue  # the producer's rows are not the inputs one to one (grouped-query v -> o)
-            Ws = [layer.get(n) for n in lin]
+            Ws = [layer.get(n) for n in g.linears]  # idle experts too: the fold changes their input
             loss = self._loss(run, g, X, Ws, gs)
             x_mean = awq_core.activation_stats(X.reshape(-1, X.shape[-1]))
             w_mean = awq_core.weight_stats(np.concatenate(Ws, axis=0), gs)
             s, _, _ = awq_core.search_scale(x_mean, w_mean, loss, n_grid=self.n_grid)
             _fold(layer, g, s)
-            for n in lin:  # what the folded layer's linears now read
-                inputs[n] = inputs[n] / s
+            for n in g.linears + g.fold:  # what the folded layer's linears now read
+                if n in inputs:
+                    inputs[n] = inputs[n] / s
 
     def _loss(self, run: LayerRun, g: InputGroup, X: np.ndarray, Ws, gs: int):
         bits = self.q.bits
@@ -183,6 +202,16 @@ class Awq(Step):
             _, codes, scales, zeros = awq_core.pseudo_quantize(W, q.bits, gs, zero_point=True)
             self.results.linears[layer.full(n)] = QuantizedLinear(codes, scales, zeros)
             quantized.add(layer.full(n))
+        # linears the forward never applied (an expert no calibration token chose): no clipping
+        for full in sorted(q.targets):
+            if full.startswith(layer.prefix) and full not in quantized and layer.arch.layer_of(full) == layer.index:
+                W = layer.get(full[len(layer.prefix):])
+                gs = q.g(W.shape[1])
+                if gs is None:
+                    continue
+                _, codes, scales, zeros = awq_core.pseudo_quantize(W, q.bits, gs, zero_point=True)
+                self.results.linears[full] = QuantizedLinear(codes, scales, zeros)
+                quantized.add(full)
         self.results.floats.update(_changed_floats(layer, quantized))
 
 
@@ -286,12 +315,12 @@ class Smooth(Step):
         for g in run.arch.input_groups(run.cfg, layer.index):
             if g.prev_kind == "linear" and not self.with_linear:
                 continue
-            if not all(n in inputs and layer.full(n) in self.targets for n in g.linears):
+            X = _group_input(g, inputs)
+            if X is None or not all(layer.full(n) in self.targets for n in g.linears):
                 continue
             if g.prev_kind == "linear" and (layer.full(g.prev) not in self.targets
-                                            or layer.get(g.prev).shape[0] != inputs[g.linears[0]].shape[-1]):
+                                            or not _producer_fits(layer, g, X.shape[-1])):
                 continue
-            X = inputs[g.linears[0]]
             amax = np.abs(X.reshape(-1, X.shape[-1])).max(axis=0)
             s = smooth_scales(amax, [layer.get(n) for n in g.linears], self.alpha)
             _fold(layer, g, s)

@@ -62,7 +62,18 @@ ARCHS = {
                     rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
                                      "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
                     final_logit_softcapping=3.0), "gemma3", "gemma3"),
+    # Phi-3-mini: no grouped-query attention (qkv's v rows -> o is an AWQ group), a sliding window
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=4, sliding_window=WINDOW), "phi3", "phi3"),
+    # Phi-4-mini-like: partial rotary embeddings, tied output
+    "phi3-partial": ("Phi3Config", "Phi3ForCausalLM",
+                     dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+                          tie_word_embeddings=True), "phi3", "phi3"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2), "mixtral", "llama"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True),
+                  "qwen3_moe", "qwen3moe"),
 }
+MOE = {"mixtral", "qwen3_moe"}
 
 
 def _tokenizer_json() -> str:
@@ -134,6 +145,19 @@ def test_f32_logits_equal_transformers(built):
     assert np.abs(np.concatenate([first, rest]) - ref).max() <= 1e-4
 
 
+def test_moe_prompt_routes_to_several_experts(built):
+    """The logits comparison means something for MoE only if the prompt reaches several experts."""
+    name, d, hf = built
+    if name not in MOE:
+        pytest.skip("not a mixture of experts")
+    with torch.no_grad():
+        out = hf(torch.tensor([_prompt()]), output_router_logits=True)
+    assert len(out.router_logits) == hf.config.num_hidden_layers
+    for logits in out.router_logits:
+        chosen = torch.topk(logits.reshape(-1, logits.shape[-1]), hf.config.num_experts_per_tok, dim=-1).indices
+        assert len(set(chosen.flatten().tolist())) >= 3, chosen
+
+
 def test_greedy_20_tokens_equal_transformers(built):
     name, d, hf = built
     ids = _prompt()[:10]
@@ -164,7 +188,9 @@ def test_gptq_and_awq_w4_stay_close(built, method):
     out = d / f"{method}.q"
     qconvert.quantize(d / "hf", out, method=method, bits=4, group=32, calib_samples=4, calib_seqlen=64)
     with qconvert.load(out) as c:
-        types = {i.block_type.name for n, i in c.tensors.items() if "layers" in n and len(i.shape) == 2}
+        arch = by_name(c.architecture)
+        types = {i.block_type.name for n, i in c.tensors.items()
+                 if "layers" in n and len(i.shape) == 2 and not arch.is_float_only(n)}  # a MoE router stays float
         assert types == {"I4G32"}, types
     kld = _kld(d, out)
     assert 0 < kld < 0.1, kld
@@ -256,7 +282,12 @@ def test_input_groups_are_applied_together(built):
             assert g.prev is None or layer.has(g.prev), g.prev
             present = [n for n in g.linears if n in inputs]
             assert present, g
-            assert all(inputs[n] is inputs[present[0]] for n in present), g
+            if g.fold:  # MoE experts: each reads its own tokens of what the router (fold[0]) reads
+                whole = inputs[g.fold[0]].reshape(-1, inputs[g.fold[0]].shape[-1])
+                rows = {r.tobytes() for r in whole}
+                assert all(r.tobytes() in rows for n in present for r in inputs[n].reshape(-1, whole.shape[-1])), g
+            else:
+                assert all(inputs[n] is inputs[present[0]] for n in present), g
 
 
 @pytest.mark.parametrize("method,extra", [("gptq", {}), ("awq", {}), ("awq+gptq", {}), ("w8a8", {"smooth": 0.5}),

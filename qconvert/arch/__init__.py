@@ -13,6 +13,8 @@ from .base import Arch, Context, InputGroup, KVCache, Layer, T
 from . import bert, gpt2  # noqa: E402
 from .gemma import GEMMA2, GEMMA3  # noqa: E402
 from .llama import LLAMA, QWEN2  # noqa: E402
+from .moe import MIXTRAL, QWEN3_MOE  # noqa: E402
+from .phi3 import PHI3  # noqa: E402
 from .qwen3 import QWEN3  # noqa: E402
 
 ARCHITECTURES: tuple[Arch, ...] = (
@@ -21,6 +23,9 @@ ARCHITECTURES: tuple[Arch, ...] = (
     QWEN3,
     GEMMA2,
     GEMMA3,
+    PHI3,
+    MIXTRAL,
+    QWEN3_MOE,
     gpt2.ARCH,
     bert.ARCH,
 )
@@ -47,10 +52,16 @@ def by_model_type(model_type: str) -> Arch:
     )
 
 
-def by_gguf(gguf_arch: str) -> Arch:
-    """The architecture for a GGUF ``general.architecture``."""
-    for a in ARCHITECTURES:
-        if gguf_arch == a.gguf_arch or gguf_arch in a.gguf_archs_read:
+def by_gguf(gguf_arch: str, kv: dict | None = None) -> Arch:
+    """The architecture for a GGUF ``general.architecture`` (and, given the file's metadata
+    ``kv``, the family whose ``gguf_match`` accepts it before the plain one: a "llama" file with
+    experts is Mixtral)."""
+    found = [a for a in ARCHITECTURES if gguf_arch == a.gguf_arch or gguf_arch in a.gguf_archs_read]
+    for a in found:
+        if a.gguf_match is not None and kv is not None and a.gguf_match(kv):
+            return a
+    for a in found:
+        if a.gguf_match is None:
             return a
     raise QConvertError(
         f"GGUF architecture {gguf_arch!r} is not supported yet (supported: {', '.join(sorted({a.gguf_arch for a in ARCHITECTURES}))})"

@@ -75,16 +75,21 @@ class InputGroup:
 
     ``prev`` is a norm weight (``prev_kind="norm"``) or a linear (``"linear"``) whose output
     channels feed the group's input channels one to one -- so a per-channel scale ``s`` can be
-    folded as ``prev / s`` and ``linear[:, j] * s``. ``module`` names the sub-layer (``"attn"``,
-    ``"mlp"``) whose output AWQ's search compares; None means compare the linears' own outputs.
-    ``fold`` lists further tensors that read the same input but are not quantized (a MoE router)
-    and so must take the scale too."""
+    folded as ``prev / s`` and ``linear[:, j] * s``. ``prev_tail``: only the producer's *last*
+    rows feed the group, as many as its input channels (a fused qkv's v rows before o_proj, a
+    fused gate_up's up rows before down_proj); they alone take ``1 / s``. ``module`` names the
+    sub-layer (``"attn"``, ``"mlp"``) whose output AWQ's search compares; None means compare the
+    linears' own outputs. ``fold`` lists further tensors that read the same input but are not
+    quantized (a MoE router) and so must take the scale too; when the linears are MoE experts
+    (each reads only the tokens routed to it) ``fold[0]`` is what reads every token, and the
+    group's activation statistics come from its input."""
 
     prev: str | None  # HF tensor name relative to the layer ("input_layernorm.weight"), or None
     linears: tuple[str, ...]
     prev_kind: str = "norm"
     module: str | None = None
     fold: tuple[str, ...] = ()
+    prev_tail: bool = False
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (offset + w)
 
 
@@ -196,6 +201,9 @@ class Arch:
     kind: str = "decoder"  # "decoder" | "encoder" | "custom"
     gguf_permute_qk: bool = False  # llama.cpp's llama arch stores q/k rows pair-interleaved
     gguf_archs_read: tuple[str, ...] = ()  # other GGUF architectures this family reads
+    # (GGUF metadata) -> True when this family, rather than another one of the same GGUF
+    # architecture, reads the file (Mixtral is llama.cpp's "llama" with experts); see arch.by_gguf
+    gguf_match: Callable[[dict], bool] | None = None
     layer_prefix: str = "model.layers.{i}."
     hf_prefixes: tuple[str, ...] = ("",)  # prefixes an HF name may carry before the table's names
     hf_transposed: re.Pattern | None = None  # HF weights stored (in, out) that the container stores (out, in)

@@ -159,7 +159,7 @@ def _windows(cfg: dict, model_type: str, n_layers: int) -> tuple[int | None, ...
     if window is not None:
         window = cfg_int(cfg, "sliding_window", hi=MAX_POSITIONS)
     types = cfg.get("layer_types")
-    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
         return (None,) * n_layers
     if isinstance(types, list):
         if len(types) != n_layers or not all(t in ("full_attention", "sliding_attention") for t in types):

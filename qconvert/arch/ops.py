@@ -79,13 +79,17 @@ def fused_gated_mlp(layer: Layer, h: np.ndarray, act, gate_up: str, down: str) -
 
 def moe_mlp(layer: Layer, h: np.ndarray, act, router: str, experts: list[tuple[str, str, str]], top_k: int,
             normalize: bool) -> np.ndarray:
-    """Mixture of experts: softmax router, top-k experts per token (weights renormalised over
-    the chosen k when ``normalize``), each expert a gated MLP run on its tokens only."""
+    """Mixture of experts as transformers' Mixtral / Qwen3-MoE: softmax (float32) over the
+    router's logits, the top-k experts per token (ties: the lower index), their probabilities
+    renormalised over the chosen k when ``normalize``; each expert a gated MLP run on its own
+    tokens only, its output times the token's weight, summed in expert order.
+
+    The router reads ``h`` in its (B, T, H) shape: calibration records it as the layer's whole
+    input (AWQ's statistics and search windows for the experts' shared norm)."""
     shape = h.shape
     flat = h.reshape(-1, shape[-1])
-    logits = layer.linears((router,), flat)[0]  # (N, n_experts)
+    logits = layer.linears((router,), h)[0].reshape(flat.shape[0], -1)  # (N, n_experts)
     probs = softmax(logits.astype(np.float32), axis=-1)
-    # top-k by probability; ties broken by the lower expert index, as torch.topk does on CPU
     order = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
     weights = np.take_along_axis(probs, order, axis=-1)
     if normalize:
@@ -100,6 +104,15 @@ def moe_mlp(layer: Layer, h: np.ndarray, act, router: str, experts: list[tuple[s
         y = layer.linears((down,), act(g) * u)[0]
         out[rows] += y * weights[rows, slot][:, None].astype(np.float32)
     return out.reshape(shape)
+
+
+def partial_rope(q: np.ndarray, k: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RoPE on the first ``cos.shape[-1]`` dimensions of each head, the rest passed through
+    (transformers' ``partial_rotary_factor``; the whole head when the tables span it)."""
+    rot = cos.shape[-1]
+    if rot == q.shape[-1]:
+        return rope(q, k, cos, sin)
+    return tuple(np.concatenate([apply_rope(x[..., :rot], cos, sin), x[..., rot:]], axis=-1) for x in (q, k))
 
 
 def qk_heads(layer: Layer, h: np.ndarray, names: tuple[str, str, str], nh: int, nkv: int, hd: int):

@@ -232,6 +232,11 @@ def export_gguf(c: Container, output: str | Path, allow_requant: bool = False) -
         index[gname] = len(plan)
         plan.append((gname, [name], type_name, requant))
         type_counts[type_name] = type_counts.get(type_name, 0) + 1
+    for gname, names, _, _ in plan:  # a merged tensor holds experts 0..n-1 in order ("10" sorts before "2")
+        if arch.gguf_name(names[0])[1] is not None:
+            names.sort(key=lambda n: arch.gguf_name(n)[1])
+            if [arch.gguf_name(n)[1] for n in names] != list(range(len(names))):
+                raise QConvertError(f"{gname}: the container lacks some experts; llama.cpp stores them all in one tensor")
     extra = {}  # llama.cpp tensors derived from the config (Llama 3's rope_freqs)
     freqs = arch.rope_freqs(cfg) if arch.rope_freqs is not None else None
     if freqs is not None:

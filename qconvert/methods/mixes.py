@@ -58,10 +58,11 @@ def use_more_bits(i: int, n: int) -> bool:
 class ModelShape:
     n_layers: int
     n_gqa: int  # attention heads per KV head
+    n_expert: int = 0  # experts per MoE layer (llama.cpp's hparams.n_expert)
 
 
-def model_shape(n_layers: int, n_heads: int, n_kv_heads: int) -> ModelShape:
-    return ModelShape(n_layers, max(n_heads // max(n_kv_heads, 1), 1))
+def model_shape(n_layers: int, n_heads: int, n_kv_heads: int, n_expert: int = 0) -> ModelShape:
+    return ModelShape(n_layers, max(n_heads // max(n_kv_heads, 1), 1), n_expert)
 
 
 def output_type(mix: Mix, row_length: int) -> str:
@@ -82,9 +83,17 @@ def mix_type(mix: Mix, role: str, i: int | None, shape: ModelShape, has_imatrix:
         return mix.default
     cat, f = role.removesuffix("_exps").removesuffix("_shexp"), mix.name
     n = shape.n_layers
+    # llama.cpp's rules for 8-expert models (Mixtral 8x7B / 8x22B): attn_v and attn_k in Q8_0,
+    # attn_output in Q5_K for the low mixes (and none of the dense attn_output bumps)
+    eight = shape.n_expert == 8 and f in MIXES
+    if eight and cat in ("attn_v", "attn_qkv", "attn_k"):
+        return "Q8_0"
+    if eight and cat == "attn_output":
+        return "Q5_K" if f in ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m") else mix.default
+    # a fused attn_qkv takes attn_v's rules: llama.cpp's category_is_attn_v() covers it, and its own
+    # branch (q4_k_m -> Q5_K ...) comes after and is never reached (llama.cpp as vendored by
+    # llama-cpp-python 0.3.36, src/llama-quant.cpp)
     if cat == "attn_v" or cat == "attn_qkv":
-        if cat == "attn_qkv":
-            return {"q3_k_m": "Q4_K", "q3_k_l": "Q4_K", "q4_k_m": "Q5_K", "q5_k_m": "Q6_K"}.get(f, mix.default)
         if f == "q2_k":
             return "Q4_K" if shape.n_gqa >= 4 else "Q3_K"
         if f == "q3_k_m":

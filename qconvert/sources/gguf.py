@@ -432,7 +432,7 @@ def _open(mm: mmap.mmap, path: Path, size: int) -> Source:
         raise QConvertError(f"GGUF file {path.name} has no general.architecture, so its model type is unknown")
     from ..arch import by_gguf
 
-    arch = by_gguf(gguf_arch)
+    arch = by_gguf(gguf_arch, kv)
     split_count = kv.get("split.count", 1)
     if isinstance(split_count, int) and split_count > 1:
         raise QConvertError(
