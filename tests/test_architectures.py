@@ -411,3 +411,27 @@ def test_gemma_layer_types_from_llama_cpp_keys():
     assert (cfg.rope_theta, cfg.rope_theta_local, cfg.windows[0], cfg.query_pre_attn_scalar) == (1e6, 1e4, 8, 16.0)
     g3 = by_gguf("gemma3").config_from_gguf(kv("gemma3"), shapes, "gemma3")
     assert g3["layer_types"] == [f] * 7
+
+
+def test_llama_cpp_runs_every_architecture_like_our_runtime(built):
+    """llama.cpp (llama-cpp-python) loads our F16 GGUF export and its logits agree with our
+    runtime on the re-imported file: same top-1 at every position inside the sliding window
+    (llama.cpp's llama/phi3 architectures ignore Mistral's and Phi-3's windows)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (optional reference tier)")
+    from bench.bench_llamacpp_archs import llama_cpp_logits
+    from qconvert.export.gguf import export_gguf
+
+    name, d, _ = built
+    qconvert.quantize(d / "hf", d / "f16.q", method="f16")
+    with qconvert.load(d / "f16.q") as c:
+        export_gguf(c, d / "f16.gguf")
+    qconvert.quantize(d / "f16.gguf", d / "f16-back.q", method="f32")
+    ids = _prompt()
+    with qconvert.load(d / "f16-back.q") as c:
+        m = load_model(c)
+        ours = m.forward(np.array(ids), m.new_cache(64))
+    ref = llama_cpp_logits(d / "f16.gguf", ids)
+    windowed = ARCHS[name][4] in ("llama", "phi3") and ARCHS[name][2].get("sliding_window")
+    n = WINDOW if windowed else len(ids)
+    assert (ours[:n].argmax(-1) == ref[:n].argmax(-1)).all()
+    assert np.abs(ours[:n] - ref[:n]).max() < 0.02
