@@ -331,8 +331,8 @@ def test_calibration_writes_no_temporary_model(tmp_path, tokenizer_json, monkeyp
     ({"num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": None}, "does not divide hidden_size"),
     ({"num_key_value_heads": 3}, "does not divide num_attention_heads"),
     ({"rms_norm_eps": -1e-6}, "rms_norm_eps"),
-    ({"rms_norm_eps": float("nan")}, "rms_norm_eps"),
-    ({"rope_theta": float("inf"), "rope_parameters": None}, "rope_theta"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps|NaN"),  # config.json's reader refuses NaN first
+    ({"rope_theta": float("inf"), "rope_parameters": None}, "rope_theta|Infinity|infinit"),
     ({"hidden_size": 10**9}, "hidden_size"),
     ({"head_dim": 10**9}, "head_dim"),
     ({"num_attention_heads": "x"}, "num_attention_heads"),
