@@ -109,7 +109,7 @@ def run_w8a8(source: Source, targets: set[str], calib, n_samples: int, seqlen: i
     results = Results()
     steps: list = []
     if smooth is not None:
-        # up -> down smoothing exists for static per-tensor ranges (down_proj's outlier channels);
+        # up -> down smoothing exists for static per-tensor ranges (the MLP output projection's outlier channels);
         # per-token scales do without it, and it only moves difficulty into the weights
         # (SmolLM2, 4 windows: dynamic+SQ PPL 22.86 without it, 22.91 with it)
         steps.append(Smooth(targets, smooth, with_linear_producers=static))

@@ -142,7 +142,7 @@ class AwqScale(Step):
                 continue  # a linear the plan keeps in float
             X = _group_input(g, inputs)
             if X is None:
-                continue  # never called (an idle expert's down_proj)
+                continue  # never called (an idle expert's projection)
             if g.prev is not None and not layer.has(g.prev):
                 continue
             gs = q.g(X.shape[-1])
