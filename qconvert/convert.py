@@ -304,7 +304,10 @@ def _refuse_requantizing(src: Source, method: str, mix: Mix, keep, tensor_types,
         return
     if default_method and any(is_prequantized(t) for t in src.tensors):
         return  # a GPTQ/AWQ checkpoint with the default method is imported as it is
-    plans = plan_tensors(src.tensors, src.config, mix, keep=keep, tensor_types=list(tensor_types), has_imatrix=has_imatrix)
+    from .arch import by_name as arch_by_name
+
+    plans = plan_tensors(src.tensors, arch_by_name(src.architecture), src.config, mix, keep=keep,
+                         tensor_types=list(tensor_types), has_imatrix=has_imatrix)
     again = [p for p in plans if not p.copies_source and not by_name(p.source_type).is_float
              and not by_name(p.type_name).is_float]
     if again:

@@ -56,7 +56,8 @@ def by_gguf(gguf_arch: str, kv: dict | None = None) -> Arch:
     """The architecture for a GGUF ``general.architecture`` (and, given the file's metadata
     ``kv``, the family whose ``gguf_match`` accepts it before the plain one: a "llama" file with
     experts is Mixtral)."""
-    found = [a for a in ARCHITECTURES if gguf_arch == a.gguf_arch or gguf_arch in a.gguf_archs_read]
+    found = [a for a in ARCHITECTURES
+             if a.kind == "decoder" and (gguf_arch == a.gguf_arch or gguf_arch in a.gguf_archs_read)]
     for a in found:
         if a.gguf_match is not None and kv is not None and a.gguf_match(kv):
             return a
@@ -64,7 +65,7 @@ def by_gguf(gguf_arch: str, kv: dict | None = None) -> Arch:
         if a.gguf_match is None:
             return a
     raise QConvertError(
-        f"GGUF architecture {gguf_arch!r} is not supported yet (supported: {', '.join(sorted({a.gguf_arch for a in ARCHITECTURES}))})"
+        f"GGUF architecture {gguf_arch!r} is not supported yet (supported: {', '.join(supported_gguf_architectures())})"
     )
 
 

@@ -241,7 +241,11 @@ def config_from_gguf(kv: dict, shapes: dict, config: dict) -> None:
     config["tie_word_embeddings"] = "output.weight" not in shapes
     config["attention_bias"] = "blk.0.attn_q.bias" in shapes
     rope_dim = config.pop("qconvert_rope_dim", None)
-    head_dim = config.get("head_dim") or config["hidden_size"] // max(int(config["num_attention_heads"]), 1)
+    heads = config.get("num_attention_heads")
+    if not isinstance(heads, int) or not isinstance(config.get("hidden_size"), int) or heads < 1:
+        return  # parse_config reports what is missing
+    config.setdefault("num_key_value_heads", heads)
+    head_dim = config.setdefault("head_dim", config["hidden_size"] // heads)
     if rope_dim is not None and rope_dim != head_dim:
         raise QConvertError(f"GGUF model rotates {rope_dim} of {head_dim} head dimensions; partial rotary embeddings are not supported")
     arch = kv.get("general.architecture")

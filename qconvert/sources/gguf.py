@@ -334,10 +334,10 @@ def _parse(r: _Reader) -> tuple[int, dict[str, Any], list[_TensorInfo], int]:
 
 
 def _config(arch, gguf_arch: str, kv: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    config = arch.config_from_gguf(kv, shapes, gguf_arch)
     for key in ("embedding_length", "block_count", "attention.head_count"):
         if f"{gguf_arch}.{key}" not in kv:
             raise QConvertError(f"GGUF metadata lacks {gguf_arch}.{key!r}, which a {gguf_arch} model needs")
+    config = arch.config_from_gguf(kv, shapes, gguf_arch)
     config.setdefault("torch_dtype", "float32")
     config["qconvert_rope_layout"] = "rotate_half"
     for key, hf_key in (
