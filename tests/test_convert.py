@@ -153,7 +153,7 @@ def test_unknown_architecture(tiny_hf, tmp_path):
     cfg = json.loads((tiny_hf / "config.json").read_text())
     cfg["model_type"] = "mamba9000"
     (tiny_hf / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(QConvertError, match="unknown architecture 'mamba9000'; supported: bert, gpt2, llama"):
+    with pytest.raises(QConvertError, match="unknown architecture 'mamba9000'; supported: bert, .*gpt2, .*llama"):
         qconvert.quantize(tiny_hf, tmp_path / "m.q")
 
 
