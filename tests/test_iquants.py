@@ -166,3 +166,41 @@ def test_llama_cpp_reference_real_tensor(ggml_quantize, name):
     imp = (np.mean(w.astype(np.float64) ** 2, axis=0) * 1e4 + _skewed_importance(w.shape[1])).astype(np.float32)
     for importance in (None, imp):
         assert np.array_equal(bt.quantize(w, importance), ggml_quantize(bt, w, importance))
+
+
+# --- runtime kernels ----------------------------------------------------------------------------
+
+U = 2.0**-24
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kernels_match_reference(name):
+    """dequant_rows equals the numpy reference and the codec bit for bit; matvec / matmul are
+    within float32 accumulation error of the float64 reference. Per output the kernels round
+    at most n (the 32-group sums, the scaled adds) + n/32 times, in the GEMM fewer, so
+    |y - y_ref| <= (n + 64) u sum|w x|."""
+    from qconvert.runtime import kernels as K
+    from qconvert.runtime.kernels import reference_iquants as R
+
+    bt = by_name(name)
+    rng = np.random.default_rng(9)
+    assert K.get_kernel(name).block_size == bt.block_size
+    for out_f, in_f in ((1, 256), (3, 512), (37, 1536), (20, 4096)):
+        W = rng.standard_normal((out_f, in_f)).astype(np.float32)
+        W *= (10.0 ** rng.uniform(-3, 3, size=(out_f, 1))).astype(np.float32)
+        if out_f >= 3:
+            W[1] = 0
+            W[2, :300] = 0.75
+        raw = bt.quantize(W)
+        ref = R.dequantize(raw, name, in_f)
+        _same_floats(ref, bt.dequantize(raw, W.shape))
+        ids = np.array([out_f - 1, 0, out_f // 2], np.int64)
+        _same_floats(K.embedding_rows(raw, name, ids, in_f), ref[ids])
+        for T in (1, 2, 5):
+            X = rng.standard_normal((T, in_f)).astype(np.float32)
+            Y = K.linear(raw, name, X)
+            lim = (in_f + 64) * U * R.error_scale(raw, name, X) + 1e-30
+            assert np.all(np.abs(Y - R.matmul(raw, name, X)) <= lim), (name, out_f, in_f, T)
+        y = K.linear(raw, name, X[0])
+        lim = (in_f + 64) * U * R.error_scale(raw, name, X[0]) + 1e-30
+        assert np.all(np.abs(y - R.matvec(raw, name, X[0])) <= lim)
