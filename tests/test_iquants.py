@@ -204,3 +204,92 @@ def test_kernels_match_reference(name):
         y = K.linear(raw, name, X[0])
         lim = (in_f + 64) * U * R.error_scale(raw, name, X[0]) + 1e-30
         assert np.all(np.abs(y - R.matvec(raw, name, X[0])) <= lim)
+
+
+# --- llama.cpp's IQ4_NL / IQ4_XS mixes, the runtime and GGUF ------------------------------------
+
+
+def test_mix_rules():
+    """llama_tensor_get_type for LLAMA_FTYPE_MOSTLY_IQ4_NL (25) / IQ4_XS (30)."""
+    from qconvert.methods.mixes import MIXES, fallback, mix_type, model_shape, output_type
+
+    for f, t, ftype in (("iq4_nl", "IQ4_NL", 25), ("iq4_xs", "IQ4_XS", 30)):
+        mix = MIXES[f]
+        assert (mix.default, mix.ftype) == (t, ftype)
+        gqa2, gqa4 = model_shape(16, 8, 4), model_shape(16, 8, 2)
+        assert mix_type(mix, "attn_q", 0, gqa2) == t
+        assert mix_type(mix, "attn_v", 5, gqa2) == t and mix_type(mix, "attn_v", 5, gqa4) == "Q5_K"
+        assert mix_type(mix, "ffn_down", 1, gqa2) == "Q5_K" and mix_type(mix, "ffn_down", 2, gqa2) == t
+        assert mix_type(mix, "ffn_down", 1, gqa2, has_imatrix=True) == t
+        assert mix_type(mix, "attn_output", 3, gqa2) == t
+        moe8 = model_shape(16, 8, 8, n_expert=8)
+        assert mix_type(mix, "attn_output", 3, moe8) == "Q5_K" and mix_type(mix, "attn_k", 3, moe8) == "Q8_0"
+        assert output_type(mix, 4096) == "Q6_K" and output_type(mix, 576) == "Q8_0"
+    assert fallback("IQ4_XS", 576)[0] == "IQ4_NL"
+    assert fallback("IQ4_XS", 1536) == ("IQ4_XS", None)
+    assert fallback("IQ4_NL", 100)[0] == "F16"
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("method", ["iq4_nl", "iq4_xs"])
+def test_stories_quantize_run_and_gguf_round_trip(tmp_path, method):
+    """stories260K (64-wide rows: IQ4_XS falls back to IQ4_NL as in llama.cpp, ffn_down's 172
+    to F16): quantize, generate with the runtime, export to GGUF, gguf-py decodes our bytes,
+    and re-importing the GGUF gives the container's bytes back."""
+    import qconvert
+    from qconvert.export.gguf import export_gguf
+    from qconvert.runtime.generate import generate
+    from qconvert.runtime.models import load_model
+    from tests.conftest import STORIES, need_shared
+    from tests.test_export_gguf import _round_trip_bytes_equal
+
+    gguf = _gguf()
+    need_shared(STORIES)
+    qconvert.quantize(STORIES, tmp_path / "s.q", method=method)
+    with qconvert.load(tmp_path / "s.q") as c:
+        types = {n: i.block_type.name for n, i in c.tensors.items()}
+        assert types["model.layers.0.self_attn.q_proj.weight"] == "IQ4_NL"
+        assert types["model.layers.0.mlp.down_proj.weight"] == "F16"
+        model = load_model(c)
+        assert len(generate(model, [1, 403, 407], max_tokens=5).ids) == 5
+        summary = export_gguf(c, tmp_path / "s.gguf")
+    assert summary["types"]["IQ4_NL"] > 0
+    assert summary["file_type"] == (25 if method == "iq4_nl" else 30)
+    _round_trip_bytes_equal(tmp_path / "s.q", tmp_path / "s.gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "s.gguf"))
+    t = next(t for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+    assert t.tensor_type == gguf.GGMLQuantizationType.IQ4_NL
+    with qconvert.load(tmp_path / "s.q") as c:
+        ours = c.tensor("model.layers.0.self_attn.q_proj.weight")
+    theirs = gguf.quants.dequantize(t.data, t.tensor_type)
+    # the export permutes q rows (llama.cpp's rotary layout): compare as multisets of rows
+    assert sorted(map(bytes, np.asarray(ours, np.float32))) == sorted(map(bytes, np.asarray(theirs, np.float32)))
+
+
+def test_iq4_xs_container_runs(tmp_path):
+    """A 256-wide tiny llama (random weights): IQ4_XS matrices run in the runtime, and the
+    logits are no farther from the float model's than Q4_0's (rtn -b 4) are."""
+    import json
+
+    import qconvert
+    from qconvert.runtime.models import load_model
+    from tests.conftest import make_hf_folder, tiny_llama_config, tiny_llama_tensors
+
+    folder = make_hf_folder(tmp_path / "tiny", tensors=tiny_llama_tensors(hidden=256, inter=512, layers=2))
+    (folder / "config.json").write_text(json.dumps(tiny_llama_config(hidden=256, inter=512, layers=2)))
+    qconvert.quantize(folder, tmp_path / "t.q", method="iq4_xs")
+    qconvert.quantize(folder, tmp_path / "f.q", method="f32")
+    qconvert.quantize(folder, tmp_path / "q4.q", bits=4)
+    with qconvert.load(tmp_path / "t.q") as c, qconvert.load(tmp_path / "f.q") as f, qconvert.load(tmp_path / "q4.q") as q4:
+        types = {i.block_type.name for i in c.tensors.values()}
+        assert "IQ4_XS" in types, types
+        ids = np.array([1, 5, 9, 30])
+        mc, mf = load_model(c), load_model(f)
+        a = mc.forward(ids, mc.new_cache(16))
+        b = mf.forward(ids, mf.new_cache(16))
+        m4 = load_model(q4)
+        r = m4.forward(ids, m4.new_cache(16))
+    a, b, r = (np.asarray(v, np.float64) for v in (a, b, r))
+    assert a.shape == b.shape and np.all(np.isfinite(a))
+    err, err_q4 = np.sqrt(np.mean((a - b) ** 2)), np.sqrt(np.mean((r - b) ** 2))
+    assert err <= 1.2 * err_q4, (err, err_q4)
