@@ -267,7 +267,7 @@ def _refuse_ignored_options(ctx: typer.Context, method: str) -> None:
         return on if ctx.params[param] else off
 
     def users(methods: tuple[str, ...]) -> str:
-        names = [m for m in methods if m not in K_MIXES] + (["the K-quant mixes"] if set(K_MIXES) <= set(methods) else [])
+        names = [m for m in methods if m not in K_MIXES] + (["the llama.cpp mixes (K-quant, IQ4)"] if set(K_MIXES) <= set(methods) else [])
         return ", ".join(names)
 
     parts = [f"{typed(opt)} (used by {users(methods)})" for opt, methods in bad]
