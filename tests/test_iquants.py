@@ -293,3 +293,16 @@ def test_iq4_xs_container_runs(tmp_path):
     assert a.shape == b.shape and np.all(np.isfinite(a))
     err, err_q4 = np.sqrt(np.mean((a - b) ** 2)), np.sqrt(np.mean((r - b) ** 2))
     assert err <= 1.2 * err_q4, (err, err_q4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_numba_equals_plain_reference(name):
+    """The numba kernels equal the line-by-line float32-scalar port of llama.cpp
+    (blocks/iquants_reference.py) on the corner rows, with and without importance (the
+    fresh-machine check of the search; the llama.cpp tier above checks the port itself)."""
+    from qconvert.blocks import iquants_reference
+
+    bt = by_name(name)
+    x = _rows()[:, :512]
+    for imp in (None, _skewed_importance(512)):
+        assert np.array_equal(bt.quantize(x, imp), iquants_reference.quantize(bt.id, x, imp)), (name, imp is not None)
