@@ -306,3 +306,61 @@ def test_numba_equals_plain_reference(name):
     x = _rows()[:, :512]
     for imp in (None, _skewed_importance(512)):
         assert np.array_equal(bt.quantize(x, imp), iquants_reference.quantize(bt.id, x, imp)), (name, imp is not None)
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+@pytest.mark.parametrize("name,ftype,with_imatrix", [("IQ4_NL", 25, True), ("IQ4_XS", 30, False), ("IQ4_XS", 30, True)])
+def test_llama_model_quantize_end_to_end(tmp_path, name, ftype, with_imatrix):
+    """What llama-quantize writes: SmolLM2 (Q4_1) through ``llama_model_quantize`` with
+    ``pure`` (IQ4_XS's 576-wide tensors fall back to IQ4_NL, llama.cpp's own rule) and
+    optionally an importance matrix. Our bytes must equal llama.cpp's for all 30 ffn_down
+    tensors and every quantized tensor of layers 0 and 29 (the rest would only cost time)."""
+    import ctypes
+
+    from qconvert.blocks import by_id
+    from tests.test_kquants import SMOLLM_GGUF, _llama_cpp
+
+    llama_cpp = _llama_cpp()
+    gguf = _gguf()
+    if not SMOLLM_GGUF.exists():
+        pytest.skip(f"needs {SMOLLM_GGUF} (the shared/ folder beside the repo with real models); absent here")
+    src = {t.name: t for t in gguf.GGUFReader(SMOLLM_GGUF).tensors}
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = 2
+    params.ftype = ftype
+    params.pure = True
+    params.allow_requantize = True
+    imatrix: dict[str, np.ndarray] = {}
+    keep = []
+    if with_imatrix:
+        mats = [(n, t) for n, t in src.items() if len(t.shape) == 2]
+        entries = (llama_cpp.llama_model_imatrix_data * (len(mats) + 1))()
+        for k, (n, t) in enumerate(mats):
+            v = _skewed_importance(int(t.shape[0]), seed=k)
+            imatrix[n] = v
+            keep += [v, n.encode()]
+            entries[k].name = keep[-1]
+            entries[k].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[k].size = v.size
+        entries[len(mats)].name = None
+        params.imatrix = ctypes.cast(entries, type(params.imatrix))
+    out = tmp_path / f"{name}.gguf"
+    assert llama_cpp.llama_model_quantize(str(SMOLLM_GGUF).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    compared: dict[str, int] = {}
+    for t in gguf.GGUFReader(out).tensors:
+        if t.tensor_type.name in ("F32", "F16") or not (
+            "ffn_down" in t.name or t.name.startswith(("blk.0.", "blk.29."))
+        ):
+            continue
+        bt = by_id(int(t.tensor_type.value))
+        s = src[t.name]
+        rows, n = int(np.prod(s.shape[1:])), int(s.shape[0])  # GGUF lists the row length first
+        x = by_id(int(s.tensor_type.value)).dequantize(np.asarray(s.data).reshape(-1), (rows, n))
+        theirs = np.asarray(t.data).reshape(rows, -1)
+        assert np.array_equal(bt.quantize(x, imatrix.get(t.name)), theirs), (t.name, bt.name)
+        compared[bt.name] = compared.get(bt.name, 0) + 1
+    if name == "IQ4_XS":
+        assert compared == {"IQ4_XS": 30, "IQ4_NL": 12}, compared
+    else:
+        assert compared == {"IQ4_NL": 42}, compared
