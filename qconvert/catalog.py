@@ -34,6 +34,8 @@ METHOD_TABLE = (
     ("q5_k_m, q5_k_s", "Q5_K", "106.4 MiB", "0.074 (q5_k_m)"),
     ("q4_k_m, q4_k_s", "Q4_K", "100.0 MiB", "0.054 (q4_k_m)"),
     ("q4_k_m --calib TEXT", "Q4_K", "100.0 MiB", "0.032"),
+    ("iq4_nl", "IQ4_NL", "-", "-"),
+    ("iq4_xs", "IQ4_XS", "-", "-"),
     ("rtn -b 4 [--asym]", "Q4_0/Q4_1", "86.9 MiB", "0.303 (Q4_0)"),
     ("awq -b 4", "I4G128", "84.7 MiB", "0.205"),
     ("gptq -b 4 --asym --act-order", "I4G128", "85.3 MiB", "0.258"),

@@ -267,7 +267,7 @@ def _refuse_ignored_options(ctx: typer.Context, method: str) -> None:
         return on if ctx.params[param] else off
 
     def users(methods: tuple[str, ...]) -> str:
-        names = [m for m in methods if m not in K_MIXES] + (["the K-quant mixes"] if set(K_MIXES) <= set(methods) else [])
+        names = [m for m in methods if m not in K_MIXES] + (["the llama.cpp mixes (K-quant, IQ4)"] if set(K_MIXES) <= set(methods) else [])
         return ", ".join(names)
 
     parts = [f"{typed(opt)} (used by {users(methods)})" for opt, methods in bad]
@@ -298,7 +298,7 @@ def quantize(
     ctx: typer.Context,
     source: str = typer.Argument(..., metavar="SOURCE", help="HF folder, hub id (owner/name), .gguf or .onnx file, a container, or demo:stories260K (packaged with qconvert)."),
     output: Path = typer.Option(..., "-o", "--output", metavar="FILE", help="Container file to write."),
-    method: str = typer.Option("rtn", "--method", "-m", metavar="METHOD", help="rtn (--bits/--group/--asym); gptq or awq (--calib); import (a GPTQ/AWQ checkpoint as it is — the default for one); nf4 (bitsandbytes NF4, 64-weight blocks); w8a8 (int8 weights and activations: --calib, --observer, --smooth, --act-mode); a llama.cpp K-quant mix: q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k; or f32/f16/bf16 (unquantized reference; dequantizes a quantized source)."),
+    method: str = typer.Option("rtn", "--method", "-m", metavar="METHOD", help="rtn (--bits/--group/--asym); gptq or awq (--calib); import (a GPTQ/AWQ checkpoint as it is — the default for one); nf4 (bitsandbytes NF4, 64-weight blocks); w8a8 (int8 weights and activations: --calib, --observer, --smooth, --act-mode); a llama.cpp K-quant mix: q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k, or an IQ4 mix: iq4_nl iq4_xs; or f32/f16/bf16 (unquantized reference; dequantizes a quantized source)."),
     bits: Optional[int] = typer.Option(None, "--bits", "-b", metavar="N", help="Bits per weight: rtn 4/5/8 (or 2/3 with --group), gptq/awq 2/3/4/8 (default: rtn 8, gptq/awq 4)."),
     group: Optional[int] = typer.Option(None, "--group", "-g", metavar="N", help="Weights per scale: 32 (GGML blocks), or 64/128 (group-wise I{bits}G{group}; gptq/awq use 128 by default)."),
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (Q4_0/Q5_0/Q8_0) or with a min (Q4_1/Q5_1); rtn and gptq."),

@@ -66,7 +66,7 @@ def _k_quant_rows() -> list[list[float]]:
 
 
 def vector_input(bt: BlockType) -> np.ndarray:
-    if bt.block_size == 256 and bt.name.endswith("_K"):  # K-quants (Q2_K ... Q8_K)
+    if bt.block_size == 256 and (bt.name.endswith("_K") or bt.name == "IQ4_XS"):  # K-quants, IQ4_XS
         return np.array(_k_quant_rows(), dtype=np.float32)
     if bt.name == "W8A8":  # int8 rows with a scale per row (params): the two 32-value blocks as rows
         return np.array([BLOCK_GAUSSIAN, BLOCK_MIXED], dtype=np.float32)

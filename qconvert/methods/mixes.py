@@ -4,7 +4,7 @@ A mix has a default type and bumps the tensors that hurt most when quantized coa
 (attn_v, ffn_down, attn_output, the output projection), following
 ``llama_tensor_get_type`` in llama.cpp's src/llama-quant.cpp. Tensors are recognised by their
 role (llama.cpp's category, from the family's table in ``arch/``) and layer index. Rows the chosen type cannot hold fall back as in
-llama.cpp: Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16.
+llama.cpp: IQ4_XS -> IQ4_NL, Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, then F16.
 """
 
 from __future__ import annotations
@@ -39,15 +39,19 @@ MIXES = {
         Mix("q5_k_s", "Q5_K", 16),
         Mix("q5_k_m", "Q5_K", 17),
         Mix("q6_k", "Q6_K", 18),
+        # llama.cpp's 4-bit non-linear i-quants (LLAMA_FTYPE_MOSTLY_IQ4_NL / _IQ4_XS)
+        Mix("iq4_nl", "IQ4_NL", 25),
+        Mix("iq4_xs", "IQ4_XS", 30),
         # unquantized references: every matrix in one float type
         Mix("f32", "F32", 0),
         Mix("f16", "F16", 1),
         Mix("bf16", "BF16", 32),
     )
 }
-K_MIXES = tuple(n for n in MIXES if "_k" in n)
+# llama.cpp's quantized mixes (K-quant and IQ4 ones): methods that take --calib/--imatrix
+K_MIXES = tuple(n for n in MIXES if "_k" in n or n.startswith("iq"))
 
-_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_FALLBACK = {"IQ4_XS": "IQ4_NL", "Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -89,7 +93,7 @@ def mix_type(mix: Mix, role: str, i: int | None, shape: ModelShape, has_imatrix:
     if eight and cat in ("attn_v", "attn_qkv", "attn_k"):
         return "Q8_0"
     if eight and cat == "attn_output":
-        return "Q5_K" if f in ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m") else mix.default
+        return "Q5_K" if f in ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m", "iq4_nl", "iq4_xs") else mix.default
     # a fused attn_qkv takes attn_v's rules: llama.cpp's category_is_attn_v() covers it, and its own
     # branch (q4_k_m -> Q5_K ...) comes after and is never reached (llama.cpp as vendored by
     # llama-cpp-python 0.3.36, src/llama-quant.cpp)
@@ -102,6 +106,8 @@ def mix_type(mix: Mix, role: str, i: int | None, shape: ModelShape, has_imatrix:
             return "Q5_K"
         if f in ("q4_k_m", "q5_k_m") and i is not None and use_more_bits(i, n):
             return "Q6_K"
+        if f in ("iq4_nl", "iq4_xs") and shape.n_gqa >= 4:
+            return "Q5_K"
         if f == "q4_k_s" and i is not None and i < 4:
             return "Q5_K"
         return mix.default
@@ -114,6 +120,8 @@ def mix_type(mix: Mix, role: str, i: int | None, shape: ModelShape, has_imatrix:
             return "Q5_K"
         if f in ("q4_k_m", "q5_k_m"):
             return "Q6_K" if use_more_bits(i, n) else mix.default
+        if f in ("iq4_nl", "iq4_xs") and not has_imatrix and i < n // 8:
+            return "Q5_K"
         if f == "q4_k_s" and i < n // 8:
             return "Q5_K"
         if f in ("q4_0", "q5_0") and has_imatrix and i < n // 8:
