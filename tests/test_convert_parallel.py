@@ -73,3 +73,34 @@ def test_hf_source_reads_into_its_own_buffer(tmp_path):
         assert raw.flags.owndata and raw.flags.writeable
         maps = open("/proc/self/maps").read() if __import__("os").path.exists("/proc/self/maps") else ""
         assert str(folder) not in maps
+
+
+def _mapped_rss(path) -> int:
+    """Resident bytes of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, current = 0, False
+    for line in open("/proc/self/smaps"):
+        first = line.split()
+        if first and "-" in first[0] and len(first) >= 5:  # a mapping's header line
+            current = line.rstrip().endswith(str(path))
+        elif current and line.startswith("Rss:"):
+            total += int(first[1]) * 1024
+    return total
+
+
+def test_gguf_source_releases_mapped_pages(tmp_path):
+    """Reading every tensor of a GGUF leaves (almost) none of its pages resident."""
+    import os
+
+    from qconvert.sources.gguf import open_gguf
+    from tests.conftest import SMOLLM_GGUF, need_shared
+
+    if not os.path.exists("/proc/self/smaps"):
+        pytest.skip("needs /proc/self/smaps")
+    path = need_shared(SMOLLM_GGUF)
+    with open_gguf(path) as src:
+        total = 0
+        for t in src.tensors:
+            total += t.load_raw().nbytes
+        resident = _mapped_rss(path.resolve())
+    assert total > 50e6
+    assert resident < 0.2 * total, (resident, total)  # the header (tokenizer) stays: ~9%
