@@ -112,21 +112,24 @@ def main() -> None:
     ap.add_argument("--shape", default="1.1b", choices=sorted(SHAPES))
     ap.add_argument("--dir", default="/tmp/h15")
     ap.add_argument("--methods", default="rtn4,q4_k_m,nf4")
+    ap.add_argument("--source", default=None, help="convert this checkpoint (e.g. a GGUF export of the synthetic one)"
+                    " instead; the shape still gives the sizes and the bound")
     ap.add_argument("--threads", default="", help="comma list of --threads values (empty: the default, all cores)")
     a = ap.parse_args()
-    folder = generate(a.shape, Path(a.dir) / f"llama-{a.shape}-bf16")
+    folder = Path(a.source) if a.source else generate(a.shape, Path(a.dir) / f"llama-{a.shape}-bf16")
     s = SHAPES[a.shape]
     src_bytes = sum(2 * math.prod(shp) for _, shp in llama_tensors(s))
     largest = max(4 * math.prod(shp) for _, shp in llama_tensors(s))
     bound = 2 * largest + 300e6
-    print(f"{a.shape}: {src_bytes / 1e9:.2f} GB bf16, largest tensor {largest / 1e6:.0f} MB as float32,"
+    print(f"{a.shape}: {src_bytes / 1e9:.2f} GB as bf16, largest tensor {largest / 1e6:.0f} MB as float32,"
           f" bound {bound / 1e6:.0f} MB, {os.cpu_count()} cores\n")
-    print("| shape | method | threads | wall (s) | GB/min (bf16 in) | peak RSS (MB) | bound (MB) | within |")
-    print("|---|---|---|---|---|---|---|---|")
+    kind = "gguf" if str(folder).endswith(".gguf") else "safetensors"
+    print("| shape | source | method | threads | wall (s) | GB/min (bf16 in) | peak RSS (MB) | bound (MB) | within |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for method in a.methods.split(","):
         for t in ([int(x) for x in a.threads.split(",")] if a.threads else [None]):
             m = measure(folder, Path(a.dir) / f"out-{a.shape}-{method}.q", METHODS[method], t)
-            print(f"| {a.shape} | {method} | {t or 'all'} | {m['seconds']:.1f} | {src_bytes / 1e9 / (m['seconds'] / 60):.2f}"
+            print(f"| {a.shape} | {kind} | {method} | {t or 'all'} | {m['seconds']:.1f} | {src_bytes / 1e9 / (m['seconds'] / 60):.2f}"
                   f" | {m['peak_rss'] / 1e6:.0f} | {bound / 1e6:.0f} | {'yes' if m['peak_rss'] <= bound else 'NO'} |",
                   flush=True)
 

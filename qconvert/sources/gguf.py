@@ -366,6 +366,8 @@ def _sha256(buf: Any) -> str:
     h = hashlib.sha256()
     for start in range(0, len(buf), HASH_CHUNK):
         h.update(buf[start : start + HASH_CHUNK])
+        if isinstance(buf, mmap.mmap):  # hashed pages need not stay resident (issue #15)
+            _release(buf, start, min(HASH_CHUNK, len(buf) - start))
     return h.hexdigest()
 
 
