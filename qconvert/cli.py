@@ -356,7 +356,7 @@ def quantize(
             tensor_types=tensor_type, revision=revision, imatrix=imatrix, calib=calib, calib_chunks=chunks,
             calib_samples=calib_samples, calib_seqlen=calib_seqlen, seed=seed, damp=damp, act_order=act_order,
             static_groups=static_groups, mse=mse, double_quant=double_quant, observer=observer, smooth=smooth,
-            act_mode=act_mode, allow_requantize=allow_requantize,
+            act_mode=act_mode, allow_requantize=allow_requantize, threads=threads,
             progress=lambda i, n, plan: bars.update("quantizing", i, n, f"{plan.name} -> {plan.type_name}"),
             calib_progress=bars.phase(calib_label),
         )

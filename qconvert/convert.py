@@ -7,6 +7,8 @@ near the largest tensor, and the container is written atomically.
 from __future__ import annotations
 
 
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -167,11 +169,15 @@ def quantize(
     smooth: float | None = None,
     act_mode: str = "static",
     allow_requantize: bool = False,
+    threads: int | None = None,
 ) -> ConvertResult:
     """Quantize a checkpoint (HF folder or hub id, or .gguf) into a qconvert container.
 
     A source that is already quantized (a Q4_1 GGUF, a GPTQ checkpoint) is re-quantized only with
     ``allow_requantize``; the float methods (f32/f16/bf16) dequantize it without asking.
+
+    ``threads``: tensors encoded at once (default: all cores; 1: one after the other). The output
+    is byte-identical whatever the number.
 
     >>> qconvert.quantize("../shared/models/stories260K", "s.q8", method="rtn", bits=8)  # doctest: +SKIP
     """
@@ -280,18 +286,85 @@ def quantize(
                             (getattr(by_tensor[p.name], "params", {}) if p.copies_source else {}),
                             extra_reserve=_params_reserve(p)) for p in plans]
         with ContainerWriter(output, metadata, specs) as writer:
-            for i, plan in enumerate(plans):
-                params: dict = {}
+            def encode_one(plan: TensorPlan) -> tuple[Any, dict]:
                 if plan.name in encoded:
-                    raw = encoded.pop(plan.name).raw
-                else:
-                    raw, params = _encode(plan, by_tensor[plan.name], importance.get(plan.name),
-                                          floats.get(plan.name), r_sym, mse)
-                writer.write(plan.name, raw, extra=params or None)
-                if progress is not None:
-                    progress(i + 1, len(plans), plan)
+                    return encoded.pop(plan.name).raw, {}
+                return _encode(plan, by_tensor[plan.name], importance.get(plan.name), floats.get(plan.name),
+                               r_sym, mse)
+
+            _write_all(writer, plans, encode_one, progress, threads)
         provenance = metadata["source"]
     return ConvertResult(output, plans, time.perf_counter() - started, provenance, warnings)
+
+
+def default_threads() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _work_bytes(plan: TensorPlan) -> int:
+    """A tensor's float32 size: what encoding it holds in memory, give or take a small factor."""
+    return 4 * math.prod(plan.shape)
+
+
+def _write_all(writer: ContainerWriter, plans: list[TensorPlan], encode_one: Callable[[TensorPlan], tuple[Any, dict]],
+               progress: Progress | None, threads: int | None) -> None:
+    """Encode every planned tensor and write it, in plan order.
+
+    With ``threads`` > 1 a thread pool encodes several tensors at once (reading, converting and
+    checking them overlap with the numba kernels), and the results are written in plan order, so
+    the file is byte-identical to the serial one. Memory stays bounded (issue #15): at most
+    ``threads`` tensors are in flight, and together their float32 sizes stay within the largest
+    tensor's (a tensor that large is encoded alone).
+    """
+    n = len(plans)
+    workers = min(threads if threads is not None else default_threads(), n)
+    if threads is not None and threads < 1:
+        raise QConvertError(f"threads must be at least 1, not {threads}")
+
+    def done(i: int, plan: TensorPlan, raw: Any, params: dict) -> None:
+        writer.write(plan.name, raw, extra=params or None)
+        if progress is not None:
+            progress(i + 1, n, plan)
+
+    if workers <= 1:
+        for i, plan in enumerate(plans):
+            raw, params = encode_one(plan)
+            done(i, plan, raw, params)
+            del raw
+        return
+    import numba
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    kernel_threads = numba.get_num_threads()  # numba's count is per thread: the workers take the caller's
+    budget = max(_work_bytes(p) for p in plans)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="qconvert-encode",
+                              initializer=numba.set_num_threads, initargs=(kernel_threads,))
+    pending: deque = deque()  # (index, plan, future, cost), in plan order
+    in_flight, next_i = 0, 0
+    try:
+        for i in range(n):
+            while next_i < n and len(pending) < workers:
+                cost = _work_bytes(plans[next_i])
+                if pending and in_flight + cost > budget:
+                    break
+                pending.append((next_i, plans[next_i], pool.submit(encode_one, plans[next_i]), cost))
+                in_flight += cost
+                next_i += 1
+            index, plan, future, cost = pending.popleft()
+            raw, params = future.result()
+            in_flight -= cost
+            del future
+            done(index, plan, raw, params)
+            del raw
+    finally:
+        for *_, future, _ in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
 
 
 def _refuse_requantizing(src: Source, method: str, mix: Mix, keep, tensor_types, has_imatrix: bool,

@@ -366,6 +366,8 @@ def _sha256(buf: Any) -> str:
     h = hashlib.sha256()
     for start in range(0, len(buf), HASH_CHUNK):
         h.update(buf[start : start + HASH_CHUNK])
+        if isinstance(buf, mmap.mmap):  # hashed pages need not stay resident (issue #15)
+            _release(buf, start, min(HASH_CHUNK, len(buf) - start))
     return h.hexdigest()
 
 
@@ -416,6 +418,20 @@ def open_gguf(path: str | Path) -> Source:
         raise
 
 
+def _release(mm: mmap.mmap, start: int, nbytes: int) -> None:
+    """Drop the mapped pages of bytes start..start+nbytes from this process's memory (issue #15:
+    conversion memory stays near the largest tensor, not the file's size). The mapping is
+    read-only and shared, so a later read faults the bytes in again from the file."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None or nbytes <= 0:
+        return
+    first = start - start % mmap.PAGESIZE
+    try:
+        mm.madvise(advice, first, start + nbytes - first)
+    except (OSError, ValueError):  # advice only
+        pass
+
+
 def _close_quietly(mm: mmap.mmap) -> None:
     try:
         mm.close()
@@ -453,8 +469,12 @@ def _open(mm: mmap.mmap, path: Path, size: int) -> Source:
                 raise QConvertError(f"GGUF file {path.name} was closed before its tensors were read")
             data = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=start)
             if rows is None:
-                return data.copy()
-            return data.reshape(-1, row_bytes)[rows].reshape(-1)
+                out = data.copy()
+            else:
+                out = data.reshape(-1, row_bytes)[rows].reshape(-1)
+            del data
+            _release(mm, start, nbytes)  # the copy is ours: the mapped pages need not stay resident
+            return out
 
         return load_raw
 

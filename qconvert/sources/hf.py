@@ -1,18 +1,18 @@
 """Hugging Face checkpoints: a local folder or a hub id, single or sharded safetensors.
 
 safetensors headers are parsed here (8-byte length + JSON) so that every malformed or
-truncated file gets one clear sentence; tensor bytes are mmap'd and read one tensor at a
-time. Pickle checkpoints (``pytorch_model.bin``, ``*.pt``) are refused, never unpickled.
+truncated file gets one clear sentence; tensor bytes are read one tensor at a time
+(os.pread, never left mapped). Pickle checkpoints (``pytorch_model.bin``, ``*.pt``) are refused, never unpickled.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import mmap
 import os
 import re
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,7 @@ def resolve_checkpoint(spec: str, revision: str | None = None) -> tuple[Path, di
 
 
 class _SafetensorsFile:
-    """One .safetensors file: parsed header, lazily mmap'd data.
+    """One .safetensors file: parsed header; tensor bytes read on demand.
 
     Every entry is checked before any tensor is read: dtype a string, shape non-negative
     integers, byte length = elements × element size (Python ints: no overflow), inside the
@@ -128,22 +128,31 @@ class _SafetensorsFile:
                 )
             if end > prev_end:
                 previous, prev_end = name, end
-        self._mmap: mmap.mmap | None = None
+        self._fd: int | None = None
+        self._lock = threading.Lock()
 
     def read(self, name: str) -> np.ndarray:
-        if self._mmap is None:
-            with open(self.path, "rb") as f:
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        """The tensor's bytes, read (os.pread: thread-safe) into a buffer of its own; nothing of the
+        file stays mapped or resident in this process (issue #15: bounded conversion memory)."""
+        with self._lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = self._fd
         _, _, begin, end = self.entries[name]
-        return np.frombuffer(self._mmap, dtype=np.uint8, count=end - begin, offset=self.data_start + begin)
+        out = np.empty(end - begin, dtype=np.uint8)
+        view, pos, done = memoryview(out), self.data_start + begin, 0
+        while done < out.size:
+            n = os.preadv(fd, [view[done:]], pos + done)
+            if n <= 0:
+                raise QConvertError(f"safetensors file {self.path.name} was truncated while tensor {name!r} was read")
+            done += n
+        return out
 
     def close(self) -> None:
-        if self._mmap is not None:
-            try:
-                self._mmap.close()
-            except BufferError:
-                pass
-            self._mmap = None
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 def _entry(e: Any) -> tuple[Any, tuple[int, ...], int, int]:
