@@ -95,7 +95,7 @@ def build_seeds(work: Path) -> dict[str, list[Path]]:
             export_gguf(c, gguf_path)
         seeds["gguf"].append(gguf_path)
         from_gguf = work / "gguf-q4k.q"
-        qconvert.quantize(gguf_path, from_gguf, method="q4_k_m")  # tokenizer.gguf, K-quants
+        qconvert.quantize(gguf_path, from_gguf, method="q4_k_m", allow_requantize=True)  # tokenizer.gguf, K-quants
         seeds["container"].append(from_gguf)
         nf4 = work / "hf-nf4.q"
         qconvert.quantize(hf, nf4, method="nf4")  # NF4_DQ params
@@ -608,7 +608,7 @@ def run_quantize(path: Path, scratch: Path) -> None:
     from qconvert.container import open_container
 
     out = scratch / "out" / "m.q"
-    qconvert.quantize(path, out, method="rtn", bits=8)
+    qconvert.quantize(path, out, method="rtn", bits=8, allow_requantize=True)
     with open_container(out) as c:  # what qconvert wrote must read back
         assert c.verify() == [], "qconvert wrote a container that fails its own checksums"
         for name in c.tensors:
@@ -818,14 +818,14 @@ def sigkill_test(moments: int = 20, seed: int = 0, log: Callable[[str], None] | 
     rng = random.Random(seed)
     base = Path(tempfile.mkdtemp(prefix="qconvert-sigkill-"))
     try:
-        dims = dict(hidden=256, inter=768, layers=6, vocab=2048, heads=8, kv_heads=4)
+        dims = dict(hidden=256, inter=768, layers=24, vocab=2048, heads=8, kv_heads=4)  # a writing phase of ~0.5 s
         folder = make_hf_folder(base / "hf", tensors=tiny_llama_tensors(**dims))
         (folder / "config.json").write_text(json.dumps(tiny_llama_config(**dims)))
         out_dir = base / "out"
         out_dir.mkdir()
         out = out_dir / "m.q"
         previous = b"previous output"
-        cmd = [sys.executable, "-m", "qconvert", "quantize", str(folder), "-o", str(out), "--method", "q4_k_m", "-q"]
+        cmd = [sys.executable, "-m", "qconvert", "quantize", str(folder), "-o", str(out), "--method", "q4_k_m", "-q", "--force"]
         env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         # an uninterrupted run, watching when the output file is open (the writing window)
         t0 = time.time()
