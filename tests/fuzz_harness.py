@@ -844,9 +844,16 @@ def sigkill_test(moments: int = 20, seed: int = 0, log: Callable[[str], None] | 
                    "killed_while_writing": 0, "partial_outputs": 0, "litter": 0, "completed_before_kill": 0}
         for i in range(moments):
             out.write_bytes(previous)
-            moment = rng.uniform(0.0, full) if i % 2 == 0 else rng.uniform(w0, w1)  # half inside the window
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(moment)
+            if i % 2 == 0:  # a random moment of the whole run
+                moment = rng.uniform(0.0, full)
+                time.sleep(moment)
+            else:  # half the kills inside the writing window: wait for the output to be open
+                t_start = time.time()
+                while proc.poll() is None and not _writes_into(proc.pid, out_dir):
+                    time.sleep(0.002)
+                time.sleep(rng.uniform(0.0, 0.5) * (w1 - w0))
+                moment = time.time() - t_start
             writing = _writes_into(proc.pid, out_dir)
             proc.send_signal(signal.SIGKILL)
             proc.wait()
