@@ -22,9 +22,8 @@ GGUF (``general.type = "imatrix"``), one pair of F32 tensors per weight matrix::
 
   mean of x^2 = in_sum2 / counts; a matrix that saw no token counts as all ones, as in
   llama-quantize.
-
-Entry names are llama.cpp's (``blk.0.attn_q.weight``); qconvert's are Hugging Face names. The
-name tables of the GGUF reader and the GGUF writer translate them. Importance is per input
+Entry names are llama.cpp's; qconvert's are Hugging Face names. The family tables in
+``qconvert/arch/`` translate them (both directions). Importance is per input
 column, so llama.cpp's q/k row permutation does not touch it.
 """
 

@@ -5,7 +5,7 @@ provenance) and lists its tensors without reading them. Each tensor's bytes are 
 ``load()`` / ``load_raw()`` is called, so conversion memory stays near the largest tensor.
 
 Conventions every source follows:
-- tensor names are the Hugging Face names (``model.layers.0.self_attn.q_proj.weight``), so
+- tensor names are the Hugging Face names (each family's table in ``qconvert/arch/``), so
   overrides such as ``--keep 'lm_head|embed'`` mean the same for every input;
 - shapes are in numpy order (outermost first, last axis contiguous);
 - q/k projection rows use HF's rotate-half RoPE layout (a GGUF source undoes llama.cpp's
